@@ -1,0 +1,200 @@
+"""``genline``: submit pipelines, watch them, and run the parts of the system.
+
+Exit codes: 0 done; 1 a waited-for pipeline failed; 2 bad input or bad configuration (nothing was
+created); 3 any other error (provider, storage, infrastructure).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.output import EXIT_FAILED, describe_status, emit_json, fail
+from cli.progress import wait_for
+from config.errors import GenlineError, ValidationError
+from config.settings import load_settings
+
+JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
+
+
+def _api() -> Any:
+    from pipelines.api import Genline
+
+    return Genline(load_settings())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option("0.1.0", prog_name="genline")
+def cli() -> None:
+    """genline turns one product photo and description into marketing copy, an image and a
+    video (copy → image → video → stored), run by Celery workers against an AI provider.
+
+    Settings come from GENLINE_* and APIMART_* environment variables (see `genline config`).
+    With none set, everything runs on this machine: SQLite, local files, an embedded broker.
+    """
+
+
+# --- submitting ------------------------------------------------------------------------------------
+def _request_options(fn: Any) -> Any:
+    options = [
+        click.option(
+            "--file",
+            "file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="A JSON request; options given as well override its fields.",
+        ),
+        click.option("--user-id", help="Who the work is for (budgets and audit are per user)."),
+        click.option("--feature", help="Which product feature asked (e.g. listing-video)."),
+        click.option("--description", help="The product, in the seller's words (at most 2,000 characters)."),
+        click.option("--image", help="The product photo: a local PNG/JPEG/WebP file (≤ 10 MB) or an http(s) URL."),
+        click.option("--profile", help="Which profile of models and lengths to use (default: standard)."),
+        click.option(
+            "--idempotency-key",
+            help="Same key, same pipeline: resubmitting creates nothing new. Generated when omitted.",
+        ),
+        click.option("--callback-url", help="An http(s) URL told when the pipeline ends."),
+        click.option("--priority", type=click.Choice(["interactive", "batch"]), help="batch runs on its own queue."),
+        click.option("--copy-model", help="Prefer this chat model for the copy."),
+        click.option("--image-model", help="Prefer this image model."),
+        click.option("--video-model", help="Prefer this video model."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValidationError(
+            f"The request file {str(path)!r} cannot be read: {exc.strerror}.", code="file_unreadable", field="file"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            f"The request file is not valid JSON: {exc.msg} at line {exc.lineno}.", code="invalid_json", field="file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValidationError("The request file must hold one JSON object.", code="request_not_object", field="file")
+    return data
+
+
+@cli.command()
+@_request_options
+@click.option("--wait", is_flag=True, help="Stay and show progress until the pipeline ends.")
+@JSON_OPT
+def submit(file: Path | None, wait: bool, as_json: bool, **fields: Any) -> None:
+    """Submit one pipeline; prints its id at once (or, with --wait, its outcome).
+
+    \b
+    Example:
+      genline submit --user-id seller-42 --feature listing-video \\
+        --description "Stoneware mug, speckled glaze" --image mug.png --wait
+    """
+    try:
+        request = _read_json_file(file) if file else {}
+        request.update({k: v for k, v in fields.items() if v is not None})
+        generated = "idempotency_key" not in request
+        if generated:
+            request["idempotency_key"] = f"cli-{uuid.uuid4().hex}"
+        with _api() as api:
+            accepted = api.submit(request)
+            result: dict[str, Any] = {
+                "pipeline_id": accepted.pipeline_id,
+                "created": accepted.created,
+                "idempotency_key": request["idempotency_key"],
+                "status": accepted.status,
+            }
+            if not as_json:
+                note = "new" if accepted.created else "already submitted with this key"
+                click.echo(
+                    f"Accepted pipeline {accepted.pipeline_id} ({note}); idempotency key {request['idempotency_key']}."
+                )
+            if wait:
+                final = wait_for([accepted.pipeline_id], api.status, show=not as_json)[accepted.pipeline_id]
+                result.update(final)
+                if not as_json:
+                    click.echo(describe_status(final))
+    except GenlineError as err:
+        fail(err, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    if wait and result.get("status") != "succeeded":
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@click.argument("pipeline_id")
+@JSON_OPT
+def status(pipeline_id: str, as_json: bool) -> None:
+    """Show a pipeline's status, steps, cost and where its video is stored."""
+    try:
+        with _api() as api:
+            info = api.status(pipeline_id)
+    except GenlineError as err:
+        fail(err, as_json=as_json)
+    emit_json(info) if as_json else click.echo(describe_status(info))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--strict", is_flag=True, help="Submit nothing if any line is bad.")
+@click.option("--wait", is_flag=True, help="Stay and show progress until every pipeline ends.")
+@JSON_OPT
+def batch(path: Path, strict: bool, wait: bool, as_json: bool) -> None:
+    """Submit one pipeline per line of a JSON Lines file (blank lines and # comments skipped).
+
+    Each line is a request with the same fields as `submit`, including its idempotency_key, so
+    submitting the same file again creates nothing new. Bad lines are reported by line number;
+    the exit code is 2 if any line was bad.
+    """
+    from cli.batch import run_batch
+
+    try:
+        sys.exit(run_batch(path, strict=strict, wait=wait, as_json=as_json))
+    except GenlineError as err:
+        fail(err, as_json=as_json)
+
+
+@cli.command("config")
+@click.option("--markdown", is_flag=True, help="Print the settings table as Markdown (as in the README).")
+def config_cmd(markdown: bool) -> None:
+    """Check the settings from the environment and print them (the API key is never shown)."""
+    from config.settings import SETTINGS, settings_table_markdown
+
+    if markdown:
+        click.echo(settings_table_markdown())
+        return
+    try:
+        settings = load_settings()
+    except GenlineError as err:
+        fail(err, as_json=False)
+    for s in SETTINGS:
+        value = getattr(settings, s.attr, None)
+        if s.attr.startswith("provider_api_key"):
+            value = "(set)" if settings.provider_api_key else "(not set)"
+        click.echo(f"{s.env:<32} {value}")
+
+
+def _register_subcommands() -> None:
+    from cli.demo import demo
+    from cli.services import db, flower, poller, simulator, worker
+
+    for command in (demo, worker, poller, simulator, db, flower):
+        cli.add_command(command)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    cli(prog_name="genline")
+
+
+if __name__ == "__main__":
+    main()

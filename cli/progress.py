@@ -1,0 +1,51 @@
+"""Live progress for people waiting on pipelines: one bar through every step of every pipeline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from config.constants import PIPELINE_TERMINAL
+
+STEP_WEIGHT = 100
+
+
+def _done_units(status: dict[str, Any]) -> int:
+    if status["status"] in PIPELINE_TERMINAL:
+        return len(status["steps"]) * STEP_WEIGHT
+    return sum(min(STEP_WEIGHT, int(s["progress"])) for s in status["steps"])
+
+
+def wait_for(
+    ids: Sequence[str],
+    read: Callable[[str], dict[str, Any]],
+    *,
+    show: bool = True,
+    timeout_s: float = 3600.0,
+    every_s: float = 0.5,
+    label: str = "pipelines",
+    tick: Callable[[], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Poll our own database (never the provider) until every pipeline has ended."""
+    latest = {pid: read(pid) for pid in ids}
+    total = sum(len(s["steps"]) * STEP_WEIGHT for s in latest.values())
+    deadline = time.monotonic() + timeout_s
+    with click.progressbar(
+        length=total, label=label, show_percent=True, show_eta=False, file=None if show else open("/dev/null", "w")
+    ) as bar:  # noqa: SIM115
+        shown = 0
+        while True:
+            latest = {pid: read(pid) for pid in ids}
+            done = sum(_done_units(s) for s in latest.values())
+            bar.update(max(0, done - shown))
+            shown = max(shown, done)
+            finished = sum(1 for s in latest.values() if s["status"] in PIPELINE_TERMINAL)
+            bar.label = f"{label} {finished}/{len(ids)} done"
+            if finished == len(ids) or time.monotonic() > deadline:
+                return latest
+            if tick is not None:
+                tick()
+            time.sleep(every_s)

@@ -1,0 +1,369 @@
+"""Typed settings, read from the environment once and validated loudly.
+
+Every setting is listed in ``SETTINGS`` below with its variable, default and meaning; the README's
+configuration table is generated from the same list (``genline config --markdown``). A variable
+that starts with ``GENLINE_`` or ``APIMART_`` but is not a known setting is an error, not a silent
+no-op: a misspelled setting must never fall back to a default unnoticed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from config.errors import ConfigError
+
+PRODUCTION_BASE_URL = "https://api.apimart.ai"
+EMBEDDED_BROKER = "embedded"
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line, an error or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    attr: str
+    default: str | None
+    help: str
+    parse: Callable[[str], Any] = str
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError("must be an http(s) URL such as https://api.apimart.ai")
+    return raw.rstrip("/")
+
+
+def _optional(raw: str) -> str | None:
+    return raw or None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "GENLINE_VAR_DIR",
+        "var_dir",
+        "var/genline",
+        "Folder for the zero-setup default's files (SQLite databases, local objects, logs).",
+    ),
+    Setting(
+        "GENLINE_DATABASE_URL",
+        "database_url",
+        None,
+        "SQLAlchemy URL of the state database. Default: SQLite in the var folder. "
+        "Production: postgresql+psycopg://user@host/db.",
+    ),
+    Setting(
+        "GENLINE_BROKER_URL",
+        "broker_url",
+        EMBEDDED_BROKER,
+        "Celery broker. `embedded` is a SQLite-backed broker in the var folder that needs no server; "
+        "production: redis://host:6379/0.",
+    ),
+    Setting(
+        "GENLINE_STORAGE_URL",
+        "storage_url",
+        None,
+        "Where finished outputs are kept: file:///path (default: the var folder's objects/) or s3://bucket/prefix.",
+    ),
+    Setting(
+        "GENLINE_S3_ENDPOINT_URL",
+        "s3_endpoint_url",
+        "",
+        "Endpoint of an S3-compatible server (MinIO, moto); empty for AWS itself. "
+        "Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID, ...).",
+        _optional,
+    ),
+    Setting("GENLINE_S3_REGION", "s3_region", "us-east-1", "Region for the S3 client."),
+    Setting(
+        "APIMART_BASE_URL",
+        "provider_base_url",
+        PRODUCTION_BASE_URL,
+        "Base URL of the AI provider (the simulator's address in the demo and tests).",
+        _http_url,
+    ),
+    Setting(
+        "APIMART_API_KEY",
+        "provider_api_key",
+        "",
+        "The provider's API key. Never logged, stored or sent to a task.",
+        _optional,
+    ),
+    Setting(
+        "APIMART_API_KEY_FILE",
+        "provider_api_key_file",
+        "",
+        "A file holding the provider's API key, instead of APIMART_API_KEY.",
+        _optional,
+    ),
+    Setting(
+        "GENLINE_CATALOG_FILE",
+        "catalog_file",
+        "",
+        "JSON price catalog and profiles; empty for the built-in one (config/catalog.json).",
+        _optional,
+    ),
+    Setting(
+        "GENLINE_POLL_INTERVAL_S",
+        "poll_interval_s",
+        "2",
+        "Seconds between two polls of one provider job.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_HTTP_TIMEOUT_S",
+        "http_timeout_s",
+        "30",
+        "Read timeout of one provider call, in seconds.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_HTTP_CONNECT_TIMEOUT_S",
+        "http_connect_timeout_s",
+        "5",
+        "Connect timeout of one provider call, in seconds.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_PROVIDER_MAX_ATTEMPTS",
+        "provider_max_attempts",
+        "4",
+        "Tries of one retryable provider call (429, 5xx, timeouts) before the step gives up.",
+        _positive_int,
+    ),
+    Setting(
+        "GENLINE_PROVIDER_BACKOFF_S",
+        "provider_backoff_s",
+        "0.5",
+        "First backoff between retries; doubles each time, with jitter.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_PROVIDER_BACKOFF_CAP_S",
+        "provider_backoff_cap_s",
+        "8",
+        "Longest single backoff between retries.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_POLLER_BATCH",
+        "poller_batch",
+        "500",
+        "Most due provider jobs one poller claims per round.",
+        _positive_int,
+    ),
+    Setting(
+        "GENLINE_POLLER_CONCURRENCY",
+        "poller_concurrency",
+        "64",
+        "Most polls one poller has in flight at once.",
+        _positive_int,
+    ),
+    Setting(
+        "GENLINE_LEASE_S",
+        "lease_s",
+        "30",
+        "How long a poller's claim on a job lasts before another poller may take it.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_SWEEP_AFTER_S",
+        "sweep_after_s",
+        "60",
+        "A step queued or running this long without progress is re-nudged by the sweeper.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_VISIBILITY_TIMEOUT_S",
+        "visibility_timeout_s",
+        "1800",
+        "Redis broker: seconds before an unacknowledged message is delivered again. Longer than "
+        "any one step (steps never wait on the provider; the poller does).",
+        _positive_int,
+    ),
+    Setting("GENLINE_WORKER_CONCURRENCY", "worker_concurrency", "2", "Processes per Celery worker.", _positive_int),
+    Setting(
+        "GENLINE_RESULT_TTL_S",
+        "result_ttl_s",
+        "86400",
+        "Assumed life of a provider result URL when it gives no expires_at.",
+        _positive_float,
+    ),
+    Setting("GENLINE_LOG_LEVEL", "log_level", "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
+)
+
+KNOWN_ENV = frozenset(s.env for s in SETTINGS)
+_PREFIXES = ("GENLINE_", "APIMART_")
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path
+    database_url: str
+    broker_url: str
+    storage_url: str
+    s3_endpoint_url: str | None
+    s3_region: str
+    provider_base_url: str
+    provider_api_key: Secret | None = field(repr=False)
+    catalog_file: str | None
+    poll_interval_s: float
+    http_timeout_s: float
+    http_connect_timeout_s: float
+    provider_max_attempts: int
+    provider_backoff_s: float
+    provider_backoff_cap_s: float
+    poller_batch: int
+    poller_concurrency: int
+    lease_s: float
+    sweep_after_s: float
+    visibility_timeout_s: int
+    worker_concurrency: int
+    result_ttl_s: float
+    log_level: str
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == EMBEDDED_BROKER
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a child process that must see these same settings (key excluded:
+        children read it from the parent's environment or key file like this process did)."""
+        env = {
+            "GENLINE_VAR_DIR": str(self.var_dir),
+            "GENLINE_DATABASE_URL": self.database_url,
+            "GENLINE_BROKER_URL": self.broker_url,
+            "GENLINE_STORAGE_URL": self.storage_url,
+            "GENLINE_S3_REGION": self.s3_region,
+            "APIMART_BASE_URL": self.provider_base_url,
+            "GENLINE_POLL_INTERVAL_S": repr(self.poll_interval_s),
+            "GENLINE_LOG_LEVEL": self.log_level,
+        }
+        if self.s3_endpoint_url:
+            env["GENLINE_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        if self.catalog_file:
+            env["GENLINE_CATALOG_FILE"] = self.catalog_file
+        return env
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting. Raises ConfigError naming each bad variable."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    for name in sorted(env):
+        if name.startswith(_PREFIXES) and name not in KNOWN_ENV:
+            guess = difflib.get_close_matches(name, KNOWN_ENV, n=1)
+            hint = f" Did you mean {guess[0]}?" if guess else ""
+            problems.append(f"{name} is not a genline setting.{hint}")
+
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = env.get(s.env, s.default)
+        if raw is None:
+            values[s.attr] = None
+            continue
+        try:
+            values[s.attr] = s.parse(raw.strip())
+        except ValueError as exc:
+            problems.append(f"{s.env}={raw!r} is invalid: {exc}.")
+
+    if problems:
+        raise ConfigError("Bad configuration: " + " ".join(problems), code="invalid_config")
+
+    var_dir = Path(values.pop("var_dir")).expanduser().resolve()
+    values["var_dir"] = var_dir
+    if values["database_url"] is None:
+        values["database_url"] = f"sqlite:///{var_dir / 'genline.db'}"
+    if values["storage_url"] is None:
+        values["storage_url"] = (var_dir / "objects").as_uri()
+    _check_urls(values)
+
+    key_file = values.pop("provider_api_key_file")
+    key = values.pop("provider_api_key")
+    if key and key_file:
+        raise ConfigError("Set APIMART_API_KEY or APIMART_API_KEY_FILE, not both.")
+    if key_file:
+        try:
+            key = Path(key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"APIMART_API_KEY_FILE cannot be read: {exc.strerror}.") from None
+        if not key:
+            raise ConfigError("APIMART_API_KEY_FILE is empty.")
+    values["provider_api_key"] = Secret(key) if key else None
+    return Settings(**values)
+
+
+def _check_urls(values: dict[str, Any]) -> None:
+    db = urlsplit(values["database_url"]).scheme
+    if not (db.startswith("sqlite") or db.startswith("postgresql")):
+        raise ConfigError(
+            f"GENLINE_DATABASE_URL must be sqlite:///... or postgresql+psycopg://..., not {db or 'empty'}://."
+        )
+    broker = values["broker_url"]
+    if broker != EMBEDDED_BROKER and urlsplit(broker).scheme not in {"redis", "rediss", "amqp", "sqla+sqlite"}:
+        raise ConfigError("GENLINE_BROKER_URL must be `embedded`, redis://host:port/db or amqp://...")
+    store = urlsplit(values["storage_url"])
+    if store.scheme not in {"file", "s3"}:
+        raise ConfigError("GENLINE_STORAGE_URL must be file:///path or s3://bucket/prefix.")
+    if store.scheme == "s3" and not store.netloc:
+        raise ConfigError("GENLINE_STORAGE_URL s3://... must name a bucket, e.g. s3://genline-outputs/videos.")
+
+
+def settings_table_markdown() -> str:
+    rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        default = s.default if s.default not in (None, "") else "(none)"
+        rows.append(f"| `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,52 @@
+"""The Python API for application services: submit a pipeline, get its id at once, read its status.
+
+    from pipelines.api import Genline
+
+    with Genline() as genline:                      # settings from the environment
+        accepted = genline.submit({
+            "user_id": "seller-42", "feature": "listing-video",
+            "description": "Hand-thrown stoneware mug, speckled glaze, 350 ml",
+            "image": "https://cdn.example.com/mug.jpg", "profile": "standard",
+            "idempotency_key": "listing-9f2c",
+        })
+        print(accepted.pipeline_id, genline.status(accepted.pipeline_id)["status"])
+
+Validation is the CLI's, error for error: a bad request raises ``ValidationError`` (a
+``UserError``) with ``.code``, ``.field`` and ``.message``, and nothing is created or enqueued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.settings import Settings, load_settings
+from pipelines.request import validate_request
+from pipelines.runtime import Runtime
+from pipelines.status import pipeline_status
+from pipelines.submit import Accepted, submit_pipeline
+
+
+class Genline:
+    def __init__(self, settings: Settings | None = None, *, runtime: Runtime | None = None) -> None:
+        if runtime is None:
+            from tasks.app import CeleryDispatcher, make_celery
+
+            settings = settings or load_settings()
+            runtime = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
+        self.runtime = runtime
+
+    def submit(self, request: dict[str, Any]) -> Accepted:
+        """Validate and accept one request; returns at once with the pipeline's id."""
+        return submit_pipeline(self.runtime, validate_request(request, self.runtime.catalog))
+
+    def status(self, pipeline_id: str) -> dict[str, Any]:
+        return pipeline_status(self.runtime, pipeline_id)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> Genline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

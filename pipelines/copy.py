@@ -1,0 +1,57 @@
+"""Copying a provider result into our object storage: streamed, size-checked, deadline-aware."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import httpx
+
+from config.clock import utcnow
+from config.errors import ResultExpired, RetryableStorageError, StorageError
+from storage.objects import ObjectStore, StoredObjectInfo
+
+CHUNK = 1 << 20
+
+
+def copy_url_to_store(
+    http: httpx.Client,
+    store: ObjectStore,
+    url: str,
+    key: str,
+    *,
+    expires_at: datetime | None,
+    expect_type: str,
+) -> StoredObjectInfo:
+    """Stream ``url`` into ``store`` at ``key`` in constant memory and verify it landed whole.
+
+    ``expect_type`` is the content-type family (``video`` or ``image``) the result must be.
+    """
+    if expires_at is not None and utcnow() >= expires_at:
+        raise ResultExpired(
+            f"The provider's result link expired at {expires_at:%Y-%m-%d %H:%M:%S} UTC before it could be copied."
+        )
+    try:
+        with http.stream("GET", url) as response:
+            if response.status_code in (401, 403, 404, 410):
+                if expires_at is None or utcnow() >= expires_at:
+                    raise ResultExpired(
+                        f"The provider's result link no longer works (HTTP {response.status_code}); it has expired."
+                    )
+                raise RetryableStorageError(f"The result link answered HTTP {response.status_code} before it expired.")
+            if response.status_code >= 400:
+                raise RetryableStorageError(f"Downloading the result failed with HTTP {response.status_code}.")
+            content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+            if not content_type.startswith(expect_type + "/"):
+                raise StorageError(
+                    f"The provider's result is {content_type}, not the {expect_type} that was asked for.",
+                    code="result_wrong_type",
+                )
+            length = response.headers.get("content-length")
+            expected = int(length) if length and length.isdigit() else None
+            chunks: Iterator[bytes] = response.iter_bytes(CHUNK)
+            return store.put_stream(key, chunks, content_type=content_type, expected_size=expected)
+    except httpx.TimeoutException as exc:
+        raise RetryableStorageError("Downloading the result timed out.") from exc
+    except httpx.TransportError as exc:
+        raise RetryableStorageError(f"Downloading the result failed ({type(exc).__name__}).") from exc

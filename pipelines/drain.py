@@ -1,0 +1,50 @@
+"""Drain mode: run queued steps and due polls in this process until nothing is left to do.
+
+For tests and benchmarks that must not sleep and hope: deterministic, one process, the same code
+paths as the workers and the poller (only the broker is the in-memory dispatcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import func, select
+
+from config.constants import PIPELINE_TERMINAL
+from pipelines.dispatch import MemoryDispatcher
+from pipelines.engine import run_step
+from pipelines.poller import Poller
+from pipelines.runtime import Runtime
+from storage.models import Pipeline
+
+
+def open_pipelines(rt: Runtime) -> int:
+    with rt.db.transaction() as s:
+        return (
+            s.scalar(
+                select(func.count())
+                .select_from(Pipeline)
+                .where(Pipeline.status.not_in([str(p) for p in PIPELINE_TERMINAL]))
+            )
+            or 0
+        )
+
+
+def drain(rt: Runtime, *, max_rounds: int = 10_000, idle_wait_s: float = 0.02) -> int:
+    """Run until every pipeline is terminal (or ``max_rounds``); returns rounds used."""
+    assert isinstance(rt.dispatcher, MemoryDispatcher), "drain mode needs the in-memory dispatcher"
+    poller = Poller(rt)
+    loop = asyncio.new_event_loop()
+    try:
+        for rounds in range(1, max_rounds + 1):
+            while (step_id := rt.dispatcher.pop()) is not None:
+                run_step(rt, step_id)
+            polled = loop.run_until_complete(poller.run_once())
+            if not rt.dispatcher.sent and polled == 0:
+                if open_pipelines(rt) == 0:
+                    return rounds
+                loop.run_until_complete(asyncio.sleep(idle_wait_s))  # a job is not due yet
+        return max_rounds
+    finally:
+        loop.run_until_complete(poller.aclose())
+        loop.close()

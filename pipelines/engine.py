@@ -1,0 +1,213 @@
+"""Moving pipelines forward: run a step, finish it, fail it, hand the next step to the broker.
+
+Every transition happens inside one database transaction and is safe to repeat: a task that runs
+twice, late, or on another machine re-reads the rows and does nothing a second time. Messages to
+the broker are sent only after the transaction that justifies them has committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from config.clock import utcnow
+from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, PipelineStatus, StepStatus
+from config.errors import ConfigError, GenlineError
+from config.logging import get_logger
+from pipelines.dispatch import queue_for
+from pipelines.runtime import Runtime
+from pipelines.steps import STEP_FUNCTIONS, Done, StepContext
+from storage.models import Pipeline, ProviderCall, Step
+
+log = get_logger("genline.engine")
+MAX_STEP_ATTEMPTS = 5
+
+
+@dataclass
+class Effects:
+    """What to do once the transaction has committed."""
+
+    nudges: list[tuple[str, str]] = field(default_factory=list)  # (step_id, queue)
+    finished: list[str] = field(default_factory=list)  # pipeline ids that reached an end
+
+    def merge(self, other: Effects) -> None:
+        self.nudges.extend(other.nudges)
+        self.finished.extend(other.finished)
+
+
+def apply_effects(rt: Runtime, effects: Effects) -> None:
+    for step_id, queue in effects.nudges:
+        try:
+            rt.dispatcher.send(step_id, queue)
+        except Exception as exc:  # noqa: BLE001  # the broker is down: the sweeper re-sends later
+            log.warning("nudge_failed", step_id=step_id, error=type(exc).__name__)
+    for pipeline_id in effects.finished:
+        notify_callback(rt, pipeline_id)
+
+
+# --- transitions (called inside a transaction) -----------------------------------------------------
+def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
+    effects = Effects()
+    if step.status in STEP_TERMINAL:
+        return effects
+    now = utcnow()
+    step.status = StepStatus.SUCCEEDED
+    step.output = output
+    step.finished_at = now
+    step.error_code = step.error_message = None
+    pipeline = step.pipeline
+    nxt = s.scalars(select(Step).where(Step.pipeline_id == pipeline.id, Step.position == step.position + 1)).first()
+    if pipeline.status in PIPELINE_TERMINAL:
+        return effects
+    if nxt is not None:
+        if nxt.status == StepStatus.PENDING:
+            nxt.status = StepStatus.QUEUED
+            effects.nudges.append((nxt.id, queue_for(nxt.kind, pipeline.priority)))
+        return effects
+    pipeline.status = PipelineStatus.SUCCEEDED
+    pipeline.finished_at = now
+    pipeline.cost_usd = pipeline_cost(s, pipeline.id)
+    effects.finished.append(pipeline.id)
+    return effects
+
+
+def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
+    effects = Effects()
+    now = utcnow()
+    if step.status not in STEP_TERMINAL:
+        step.status = StepStatus.FAILED
+        step.error_code, step.error_message = code, message
+        step.finished_at = now
+    pipeline = step.pipeline
+    if pipeline.status in PIPELINE_TERMINAL:
+        return effects
+    for other in pipeline.steps:
+        if other.position > step.position and other.status not in STEP_TERMINAL:
+            other.status = StepStatus.CANCELLED
+    pipeline.status = PipelineStatus.FAILED
+    pipeline.error_code = code
+    pipeline.error_message = f"The {step.kind} step failed: {message}"
+    pipeline.finished_at = now
+    pipeline.cost_usd = pipeline_cost(s, pipeline.id)
+    effects.finished.append(pipeline.id)
+    return effects
+
+
+def pipeline_cost(s: Session, pipeline_id: str) -> Decimal:
+    """The audit log is the one record of spend; a pipeline's cost is derived from it."""
+    total = s.scalar(
+        select(func.coalesce(func.sum(ProviderCall.cost_usd), 0)).where(ProviderCall.pipeline_id == pipeline_id)
+    )
+    return Decimal(str(total or 0))
+
+
+# --- running a step --------------------------------------------------------------------------------
+def _begin(rt: Runtime, step_id: str) -> StepContext | None:
+    with rt.db.transaction() as s:
+        step = s.get(Step, step_id, with_for_update={"of": Step})
+        if step is None:
+            log.warning("unknown_step", step_id=step_id)
+            return None
+        pipeline = step.pipeline
+        if step.status != StepStatus.QUEUED:
+            # Done already, owned by the poller, or running elsewhere right now. A step whose
+            # worker died stays RUNNING until the sweeper finds it stale and queues it again.
+            return None
+        if pipeline.status in PIPELINE_TERMINAL:
+            step.status = StepStatus.CANCELLED
+            return None
+        earlier = [x for x in pipeline.steps if x.position < step.position]
+        if any(x.status != StepStatus.SUCCEEDED for x in earlier):
+            return None  # out of order nudge; the right one comes when the earlier step finishes
+        step.status = StepStatus.RUNNING
+        step.attempts += 1
+        step.started_at = step.started_at or utcnow()
+        pipeline.status = PipelineStatus.RUNNING
+        profile = rt.catalog.profiles.get(pipeline.profile)
+        if profile is None:
+            raise ConfigError(f"Profile {pipeline.profile!r} is no longer in the catalog.")
+        return StepContext(
+            step_id=step.id,
+            pipeline_id=pipeline.id,
+            kind=step.kind,
+            attempt=step.attempts,
+            user_id=pipeline.user_id,
+            feature=pipeline.feature,
+            profile=profile,
+            description=pipeline.description,
+            image_url=pipeline.image_url,
+            image_ref=pipeline.image_ref,
+            models=dict(pipeline.models or {}),
+            outputs={x.kind: dict(x.output or {}) for x in earlier},
+        )
+
+
+def run_step(rt: Runtime, step_id: str) -> None:
+    """Run one step to its next resting point. Safe to call any number of times."""
+    ctx = _begin(rt, step_id)
+    if ctx is None:
+        return
+    bound = log.bind(step_id=step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
+    try:
+        outcome = STEP_FUNCTIONS[ctx.kind](rt, ctx)
+    except GenlineError as err:
+        if err.retryable and ctx.attempt < MAX_STEP_ATTEMPTS:
+            _requeue(rt, step_id, err.code, err.message)
+            bound.warning("step_will_retry", code=err.code, message=err.message)
+        else:
+            bound.warning("step_failed", code=err.code, message=err.message)
+            _fail(rt, step_id, err.code, err.message)
+        return
+    except (OperationalError, httpx.HTTPError) as exc:  # database or network hiccup
+        if ctx.attempt < MAX_STEP_ATTEMPTS:
+            _requeue(rt, step_id, "transient_error", type(exc).__name__)
+            bound.warning("step_will_retry", code="transient_error", error=type(exc).__name__)
+            return
+        _fail(rt, step_id, "transient_error", "A database or network error kept recurring.")
+        return
+    if isinstance(outcome, Done):
+        with rt.db.transaction() as s:
+            effects = complete_step(s, s.get_one(Step, step_id), outcome.output)
+        apply_effects(rt, effects)
+        bound.info("step_succeeded")
+    else:
+        bound.info("step_waiting", job_id=outcome.job_id)
+
+
+def _fail(rt: Runtime, step_id: str, code: str, message: str) -> None:
+    with rt.db.transaction() as s:
+        effects = fail_step(s, s.get_one(Step, step_id), code, message)
+    apply_effects(rt, effects)
+
+
+def _requeue(rt: Runtime, step_id: str, code: str, message: str) -> None:
+    """Back to QUEUED; the sweeper sends it again once ``sweep_after_s`` has passed, so a retry
+    never waits in a worker slot or in a broker countdown."""
+    with rt.db.transaction() as s:
+        step = s.get_one(Step, step_id)
+        if step.status == StepStatus.RUNNING:
+            step.status = StepStatus.QUEUED
+            step.error_code, step.error_message = code, message
+
+
+def notify_callback(rt: Runtime, pipeline_id: str) -> None:
+    """Tell the application, if it asked, that a pipeline reached its end. Best effort: the
+    status stays readable with ``genline status``; a failed callback is logged, never retried forever."""
+    with rt.db.transaction() as s:
+        pipeline = s.get(Pipeline, pipeline_id)
+        if pipeline is None or not pipeline.callback_url:
+            return
+        url, body = (
+            pipeline.callback_url,
+            {"pipeline_id": pipeline.id, "status": pipeline.status, "error_code": pipeline.error_code},
+        )
+    try:
+        rt.downloads.post(url, json=body, timeout=5.0)
+    except httpx.HTTPError as exc:
+        log.warning("callback_failed", pipeline_id=pipeline_id, error=type(exc).__name__)

@@ -1,0 +1,70 @@
+"""Everything a step needs, built once per process from the settings: the runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import httpx
+
+from config.catalog import Catalog, load_catalog
+from config.logging import register_secret
+from config.settings import Settings
+from pipelines.audit import DatabaseAuditSink
+from pipelines.dispatch import Dispatcher, MemoryDispatcher
+from provider.client import ProviderClient
+from provider.gateway import Gateway, RetryPolicy
+from storage.db import Database
+from storage.objects import ObjectStore, open_store
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    catalog: Catalog
+    db: Database
+    store: ObjectStore
+    dispatcher: Dispatcher = field(default_factory=MemoryDispatcher)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dispatcher: Dispatcher | None = None) -> Runtime:
+        if settings.provider_api_key is not None:
+            register_secret(settings.provider_api_key.reveal())
+        return cls(
+            settings=settings,
+            catalog=load_catalog(settings.catalog_file),
+            db=Database(settings.database_url),
+            store=open_store(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region),
+            dispatcher=dispatcher or MemoryDispatcher(),
+        )
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        s = self.settings
+        return RetryPolicy(
+            max_attempts=s.provider_max_attempts, base_s=s.provider_backoff_s, cap_s=s.provider_backoff_cap_s
+        )
+
+    @cached_property
+    def gateway(self) -> Gateway:
+        return Gateway(
+            self.catalog,
+            DatabaseAuditSink(self.db),
+            client=ProviderClient(self.settings),
+            retry=self.retry_policy,
+        )
+
+    @cached_property
+    def downloads(self) -> httpx.Client:
+        """For provider result URLs: no Authorization header ever goes to a download host."""
+        return httpx.Client(
+            timeout=httpx.Timeout(self.settings.http_timeout_s, connect=self.settings.http_connect_timeout_s),
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        if "downloads" in self.__dict__:
+            self.downloads.close()
+        if "gateway" in self.__dict__:
+            self.gateway.close()
+        self.db.dispose()

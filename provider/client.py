@@ -1,0 +1,178 @@
+"""The seam to the AI provider: one HTTP request per method, over httpx, speaking ``wire``.
+
+``ProviderClient`` (sync, for workers) and ``AsyncProviderClient`` (for the poller) share how a
+request is built and how an answer is read; only the transport differs. Neither retries, budgets
+or audits: that is the gateway's job. httpx exceptions are translated here, at the boundary.
+
+The API key goes into the Authorization header and nowhere else; it is never part of an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from config.constants import IDEMPOTENCY_HEADER
+from config.errors import (
+    ProviderBadResponse,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeout,
+)
+from config.settings import Secret, Settings
+from provider.wire import ChatResult, SubmitResult, TaskState, error_for_status, parse_chat, parse_submit, parse_task
+
+SUBMIT_PATHS = {"image": "/v1/images/generations", "video": "/v1/videos/generations"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the gateway needs to know of a call, besides the parsed value."""
+
+    status_code: int
+    request_id: str | None
+    ratelimit_remaining: int | None
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None
+
+
+def chat_request(model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> Request:
+    return Request(
+        "POST",
+        "/v1/chat/completions",
+        {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature},
+    )
+
+
+def submit_request(kind: str, payload: dict[str, Any], idempotency_key: str) -> Request:
+    return Request("POST", SUBMIT_PATHS[kind], payload, {IDEMPOTENCY_HEADER: idempotency_key})
+
+
+def task_request(task_id: str) -> Request:
+    return Request("GET", f"/v1/tasks/{task_id}", None, None)
+
+
+def _headers(api_key: Secret | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "genline/0.1"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key.reveal()}"
+    return headers
+
+
+def _timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(settings.http_timeout_s, connect=settings.http_connect_timeout_s)
+
+
+@contextmanager
+def translate_errors(path: str) -> Iterator[None]:
+    """httpx's exceptions become ours; the request (and its headers) are never put in a message."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(f"The provider did not answer {path} in time.") from exc
+    except httpx.TransportError as exc:
+        raise ProviderConnectionError(f"The provider could not be reached for {path} ({type(exc).__name__}).") from exc
+
+
+def read_answer(response: httpx.Response) -> tuple[Any, Answer]:
+    """Body and facts of an answer; an HTTP error becomes the matching ProviderError."""
+    request_id = response.headers.get("x-request-id")
+    remaining = response.headers.get("x-ratelimit-remaining")
+    answer = Answer(
+        status_code=response.status_code,
+        request_id=request_id,
+        ratelimit_remaining=int(remaining) if remaining and remaining.isdigit() else None,
+    )
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if response.status_code >= 400:
+        err = error_for_status(
+            response.status_code, body, retry_after=response.headers.get("retry-after"), request_id=request_id
+        )
+        err.answer = answer  # type: ignore[attr-defined]  # read by the gateway's audit
+        raise err
+    if body is None:
+        err2: ProviderError = ProviderBadResponse(
+            "The provider answered with something that is not JSON.",
+            status_code=response.status_code,
+            request_id=request_id,
+        )
+        err2.answer = answer  # type: ignore[attr-defined]
+        raise err2
+    return body, answer
+
+
+class ProviderClient:
+    """Blocking client for workers (chat and submits)."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(
+            base_url=settings.provider_base_url,
+            headers=_headers(settings.provider_api_key),
+            timeout=_timeout(settings),
+            transport=transport,
+        )
+
+    def send(self, request: Request) -> tuple[Any, Answer]:
+        with translate_errors(request.path):
+            response = self._http.request(request.method, request.path, json=request.body, headers=request.headers)
+        return read_answer(response)
+
+    def chat(
+        self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature: float = 0.7
+    ) -> tuple[ChatResult, Answer]:
+        body, answer = self.send(chat_request(model, messages, max_tokens=max_tokens, temperature=temperature))
+        return parse_chat(body), answer
+
+    def submit(self, kind: str, payload: dict[str, Any], idempotency_key: str) -> tuple[SubmitResult, Answer]:
+        body, answer = self.send(submit_request(kind, payload, idempotency_key))
+        return parse_submit(body), answer
+
+    def get_task(self, task_id: str) -> tuple[TaskState, Answer]:
+        body, answer = self.send(task_request(task_id))
+        return parse_task(body, task_id=task_id), answer
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class AsyncProviderClient:
+    """Non-blocking client for the poller: many status reads in flight on one event loop."""
+
+    def __init__(
+        self, settings: Settings, *, max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=settings.provider_base_url,
+            headers=_headers(settings.provider_api_key),
+            timeout=_timeout(settings),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    async def send(self, request: Request) -> tuple[Any, Answer]:
+        with translate_errors(request.path):
+            response = await self._http.request(
+                request.method, request.path, json=request.body, headers=request.headers
+            )
+        return read_answer(response)
+
+    async def get_task(self, task_id: str) -> tuple[TaskState, Answer]:
+        body, answer = await self.send(task_request(task_id))
+        return parse_task(body, task_id=task_id), answer
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,248 @@
+"""The one gateway every provider call passes through, in this order:
+
+    budget reservation → global rate limit → circuit breaker      (``Stage.before``, pluggable)
+    → the HTTP call with timeouts                                   (``provider.client``)
+    → error classification                                          (``provider.wire``)
+    → retry decision                                                (``RetryPolicy``)
+    → audit row + cost from the price catalog                       (``AuditSink``)
+    → budget commit/release, breaker bookkeeping                    (``Stage.after``, pluggable)
+
+Stages are the hook points for budgets, shared rate limits and circuit breakers; a stage may
+raise a ``GenlineError`` from ``before`` to stop the call. Task bodies never retry, audit or
+price anything themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol, TypeVar
+
+from config.catalog import Catalog
+from config.clock import utcnow
+from config.constants import JobStatus
+from config.errors import ProviderError, RateLimited, RetryableProviderError
+from config.logging import get_logger
+from provider.client import Answer, AsyncProviderClient, ProviderClient
+from provider.wire import ChatResult, SubmitResult, TaskState
+
+log = get_logger("genline.gateway")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who a call is for: every audit row and every budget is keyed on this."""
+
+    user_id: str | None = None
+    feature: str | None = None
+    pipeline_id: str | None = None
+    step_id: str | None = None
+    model: str | None = None
+
+
+@dataclass
+class CallRecord:
+    """One provider call as the audit log keeps it."""
+
+    ctx: CallContext
+    operation: str  # chat | submit | poll
+    ts: datetime
+    latency_ms: float = 0.0
+    status_code: int | None = None
+    request_id: str | None = None
+    error_code: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    units: float | None = None
+    cost_usd: Decimal = field(default_factory=Decimal)
+
+
+class Stage(Protocol):
+    """A cross-cutting concern wrapped around every call (budget, rate limit, circuit breaker)."""
+
+    def before(self, ctx: CallContext, operation: str) -> None: ...
+
+    def after(self, record: CallRecord, error: ProviderError | None) -> None: ...
+
+
+class AuditSink(Protocol):
+    def record(self, record: CallRecord) -> None: ...
+
+
+class MemoryAuditSink:
+    """Collects records; the poller flushes them inside its own batched transaction."""
+
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    def record(self, record: CallRecord) -> None:
+        self.records.append(record)
+
+    def drain(self) -> list[CallRecord]:
+        out, self.records = self.records, []
+        return out
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, honouring Retry-After; only retryable errors."""
+
+    max_attempts: int = 4
+    base_s: float = 0.5
+    cap_s: float = 8.0
+
+    def delay(self, attempt: int, error: ProviderError, rng: random.Random) -> float | None:
+        """Seconds to wait before try ``attempt + 1``, or None to give up."""
+        if not isinstance(error, RetryableProviderError) or attempt >= self.max_attempts:
+            return None
+        backoff = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+        wait = rng.uniform(backoff / 2, backoff)
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            if error.retry_after > self.cap_s * 4:
+                return None  # the provider asks for longer than a worker should hold a slot
+            wait = max(wait, error.retry_after)
+        return wait
+
+
+class Gateway:
+    def __init__(
+        self,
+        catalog: Catalog,
+        audit: AuditSink,
+        *,
+        client: ProviderClient | None = None,
+        async_client: AsyncProviderClient | None = None,
+        stages: Sequence[Stage] = (),
+        retry: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.audit = audit
+        self._client = client
+        self._async_client = async_client
+        self.stages = list(stages)
+        self.retry = retry
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    # --- blocking calls (workers) --------------------------------------------------------------
+    def chat(self, ctx: CallContext, messages: list[dict[str, str]], *, max_tokens: int) -> ChatResult:
+        assert self._client is not None and ctx.model
+        model = ctx.model
+        price = self.catalog.model(model)
+
+        def call() -> tuple[ChatResult, Answer]:
+            assert self._client is not None
+            return self._client.chat(model, messages, max_tokens=max_tokens)
+
+        def account(record: CallRecord, result: ChatResult) -> None:
+            record.prompt_tokens = result.prompt_tokens
+            record.completion_tokens = result.completion_tokens
+            record.cost_usd = price.chat_cost(result.prompt_tokens, result.completion_tokens)
+
+        return self._with_retries(ctx, "chat", call, account)
+
+    def submit(self, ctx: CallContext, kind: str, payload: dict[str, Any], idempotency_key: str) -> SubmitResult:
+        """Start a paid job. Retries reuse ``idempotency_key``, so the provider returns the same job."""
+        assert self._client is not None
+
+        def call() -> tuple[SubmitResult, Answer]:
+            assert self._client is not None
+            return self._client.submit(kind, payload, idempotency_key)
+
+        return self._with_retries(ctx, "submit", call, lambda record, result: None)
+
+    def _with_retries(
+        self,
+        ctx: CallContext,
+        operation: str,
+        call: Callable[[], tuple[T, Answer]],
+        account: Callable[[CallRecord, T], None],
+    ) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            for stage in self.stages:
+                stage.before(ctx, operation)
+            record = CallRecord(ctx=ctx, operation=operation, ts=utcnow())
+            started = time.perf_counter()
+            try:
+                result, answer = call()
+            except ProviderError as error:
+                self._finish(record, started, getattr(error, "answer", None), error)
+                wait = self.retry.delay(attempt, error, self._rng)
+                if wait is None:
+                    raise
+                log.info(
+                    "provider_retry",
+                    operation=operation,
+                    model=ctx.model,
+                    attempt=attempt,
+                    code=error.code,
+                    wait_s=round(wait, 3),
+                    step_id=ctx.step_id,
+                )
+                self._sleep(wait)
+                continue
+            account(record, result)
+            self._finish(record, started, answer, None)
+            return result
+
+    # --- non-blocking calls (poller) -----------------------------------------------------------
+    async def poll(self, ctx: CallContext, task_id: str, *, units: float) -> TaskState:
+        """Read a job's state once (the poller's next round is the retry). A completed job's
+        cost (``units`` images or seconds at the model's rate) is booked on this call's record."""
+        assert self._async_client is not None
+        for stage in self.stages:
+            stage.before(ctx, "poll")
+        record = CallRecord(ctx=ctx, operation="poll", ts=utcnow())
+        started = time.perf_counter()
+        try:
+            state, answer = await self._async_client.get_task(task_id)
+        except ProviderError as error:
+            self._finish(record, started, getattr(error, "answer", None), error)
+            raise
+        if state.status == JobStatus.COMPLETED and ctx.model:
+            record.units = units
+            record.cost_usd = self.catalog.model(ctx.model).media_cost(units)
+        self._finish(record, started, answer, None)
+        return state
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    async def aclose(self) -> None:
+        if self._async_client is not None:
+            await self._async_client.aclose()
+
+    def _finish(self, record: CallRecord, started: float, answer: Answer | None, error: ProviderError | None) -> None:
+        record.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        if answer is not None:
+            record.status_code = answer.status_code
+            record.request_id = answer.request_id
+        elif error is not None:
+            record.status_code = error.status_code
+        if error is not None:
+            record.error_code = error.code
+        self.audit.record(record)
+        for stage in self.stages:
+            stage.after(record, error)
+
+
+async def gather_limited(limit: int, coros: Sequence[Any]) -> list[Any]:
+    """Run coroutines with at most ``limit`` in flight; exceptions are returned, not raised."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(coro: Any) -> Any:
+        async with sem:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)

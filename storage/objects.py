@@ -1,0 +1,193 @@
+"""The object-storage seam: where finished outputs are kept, and how they are checked.
+
+Two real implementations stand behind one protocol, switched by configuration only
+(``GENLINE_STORAGE_URL``): ``file:///abs/path`` for the zero-setup footprint (storage/local.py) and
+``s3://bucket/prefix`` for production (storage/s3.py).
+
+Every store streams uploads in constant memory, computes size and sha256 on the way, refuses a
+stream whose size differs from the one announced (leaving nothing behind), and checks what the store
+holds before it answers. Errors are ``StorageError`` (permanent) or ``RetryableStorageError``.
+
+Keys are relative, ``/``-separated paths such as ``videos/2024/pl-123/out.mp4``; the same key is
+valid on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from config.errors import ConfigError, StorageError
+
+MAX_KEY_BYTES = 1024  # S3's limit; enforced everywhere so keys stay portable
+SIDECAR_SUFFIX = ".meta.json"  # the local store keeps an object's metadata beside it under this name
+
+
+@dataclass(frozen=True)
+class StoredObjectInfo:
+    """What a store holds under one key.
+
+    ``sha256`` is the hex digest of the whole object, or ``""`` when the store does not keep it
+    (see each backend's docstring). ``location`` is an absolute file path (local) or
+    ``s3://bucket/key`` (S3).
+    """
+
+    key: str
+    size: int
+    sha256: str
+    content_type: str
+    location: str
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A place to keep objects. Implementations: LocalObjectStore, S3ObjectStore."""
+
+    def put_stream(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        content_type: str,
+        expected_size: int | None = None,
+    ) -> StoredObjectInfo:
+        """Store the concatenation of ``chunks`` under ``key``, replacing what was there.
+
+        Chunks may be of any size; memory stays bounded. If ``expected_size`` is given and the
+        stream's size differs, raises ``StorageError(code="size_mismatch")`` and leaves no object
+        (nor partial upload) behind. Exceptions raised by ``chunks`` itself propagate unchanged,
+        also leaving nothing behind.
+        """
+        ...
+
+    def head(self, key: str) -> StoredObjectInfo | None:
+        """What is stored under ``key``, or None when nothing is."""
+        ...
+
+    def open_stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks; raises ``StorageError(code="object_not_found")`` at once
+        when the key holds nothing."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object in memory (for small objects only)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+        ...
+
+    def location(self, key: str) -> str:
+        """Where the object lives, for records and humans (path or ``s3://`` URI)."""
+        ...
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        """A URL that reads the object without credentials (``file://`` for local storage)."""
+        ...
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe, portable object key; else raise ``StorageError(invalid_key)``.
+
+    Refused: empty keys, absolute paths, ``.`` or ``..`` segments, empty segments (``a//b``,
+    trailing ``/``), backslashes, control characters, keys longer than 1024 UTF-8 bytes and keys
+    ending in the local store's reserved sidecar suffix.
+    """
+    reason = _key_problem(key)
+    if reason is not None:
+        raise StorageError(f"Object key {key!r} is not allowed: {reason}.", code="invalid_key")
+    return key
+
+
+def _key_problem(key: str) -> str | None:
+    if not isinstance(key, str) or not key:
+        return "it is empty"
+    if key.startswith("/"):
+        return "it must be relative, not start with '/'"
+    if "\\" in key:
+        return "use '/' to separate folders, not '\\'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return "it contains control characters"
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        return f"it is longer than {MAX_KEY_BYTES} bytes"
+    segments = key.split("/")
+    if any(segment == "" for segment in segments):
+        return "it has an empty folder name ('//' or a trailing '/')"
+    if any(segment in (".", "..") for segment in segments):
+        return "'.' and '..' are not allowed as folder names"
+    if key.endswith(SIDECAR_SUFFIX):
+        return f"the suffix {SIDECAR_SUFFIX!r} is reserved"
+    return None
+
+
+def validate_content_type(content_type: str) -> str:
+    """Return ``content_type`` if it looks like ``type/subtype``; else ``StorageError``."""
+    if (
+        not isinstance(content_type, str)
+        or "/" not in content_type
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in content_type)
+    ):
+        raise StorageError(
+            f"Content type {content_type!r} is not a media type like 'video/mp4'.",
+            code="invalid_content_type",
+        )
+    return content_type
+
+
+def check_size(key: str, expected_size: int | None, size: int, *, final: bool) -> None:
+    """Raise ``StorageError(size_mismatch)`` when ``size`` cannot match ``expected_size``.
+
+    While streaming (``final=False``) only an overrun is an error; at the end any difference is.
+    """
+    if expected_size is None:
+        return
+    if size > expected_size or (final and size != expected_size):
+        got = f"{size} bytes" if final else f"more than {expected_size} bytes"
+        raise StorageError(
+            f"Object {key!r} was announced as {expected_size} bytes but the stream held {got}; nothing was stored.",
+            code="size_mismatch",
+        )
+
+
+def open_store(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1") -> ObjectStore:
+    """The store named by ``url``: ``file:///abs/path`` or ``s3://bucket/optional/prefix``.
+
+    ``endpoint_url`` and ``region`` only matter for S3 (an S3-compatible server such as MinIO or
+    moto; None for AWS itself). Raises ``ConfigError`` for anything else. No network call is made.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return _open_local(parts.netloc, parts.path, parts.query, parts.fragment)
+    if scheme == "s3":
+        return _open_s3(parts.netloc, parts.path, parts.query, parts.fragment, endpoint_url, region)
+    raise ConfigError(f"GENLINE_STORAGE_URL must be file:///path or s3://bucket/prefix (got scheme {scheme!r}).")
+
+
+def _open_local(netloc: str, path: str, query: str, fragment: str) -> ObjectStore:
+    from storage.local import LocalObjectStore  # late import: local.py imports this module
+
+    if netloc not in ("", "localhost") or query or fragment:
+        raise ConfigError("GENLINE_STORAGE_URL file:// must be a local path like file:///var/genline/objects.")
+    root = Path(url2pathname(path))
+    if not root.is_absolute():
+        raise ConfigError("GENLINE_STORAGE_URL file:// must hold an absolute path, e.g. file:///var/genline/objects.")
+    return LocalObjectStore(root)
+
+
+def _open_s3(netloc: str, path: str, query: str, fragment: str, endpoint_url: str | None, region: str) -> ObjectStore:
+    from storage.s3 import S3ObjectStore, make_s3_client, valid_bucket_name  # late: needs boto3
+
+    if "@" in netloc:
+        raise ConfigError("GENLINE_STORAGE_URL must not carry credentials; use the AWS credential chain.")
+    if not valid_bucket_name(netloc) or query or fragment:
+        raise ConfigError("GENLINE_STORAGE_URL s3:// must name a valid bucket, e.g. s3://genline-outputs/videos.")
+    prefix = path.strip("/")
+    if prefix and _key_problem(prefix) is not None:
+        raise ConfigError(f"GENLINE_STORAGE_URL has an invalid key prefix {prefix!r}.")
+    client = make_s3_client(endpoint_url=endpoint_url or None, region=region)
+    return S3ObjectStore(netloc, prefix, client)

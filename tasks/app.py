@@ -1,0 +1,63 @@
+"""The Celery application, configured from genline's settings, and the broker seam's Celery side.
+
+Reliability settings, and why: late acks and reject-on-worker-lost so a message is only gone once
+its step has reached a resting point; prefetch 1 so a busy worker holds no one else's work;
+results ignored because the database is the truth. No task ever waits on the provider (the poller
+does), so the Redis visibility timeout can be much longer than any task and still recover from a
+dead worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue as KombuQueue
+
+from config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
+from config.settings import Settings
+from workers.broker import broker_url
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "broker_url": broker_url(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": Queue.COPY.value,
+        "task_queues": [KombuQueue(q, routing_key=q) for q in ALL_QUEUES],
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+    if not settings.embedded_broker:
+        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_s}
+        # Flower needs events; the embedded broker cannot fan them out, so only here.
+        conf["worker_send_task_events"] = True
+        conf["task_send_sent_event"] = True
+    return conf
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("genline", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class CeleryDispatcher:
+    """Sends a step's id, and nothing else, to the queue for its kind of work."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send(self, step_id: str, queue: str) -> None:
+        # Declaring the queue with the message (cached per connection by kombu) means a nudge sent
+        # before any worker has started, or after Redis lost its bindings, is kept, not dropped.
+        declared = self.app.amqp.queues[queue]
+        self.app.send_task(RUN_STEP_TASK, args=[step_id], queue=declared, declare=[declared])

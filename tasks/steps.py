@@ -1,0 +1,45 @@
+"""The Celery task: ``run_step(step_id)``. It carries an id, re-reads the rows, and is harmless
+to run twice. One task for every kind of step; the queue, not the task name, splits the work."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from config.constants import RUN_STEP_TASK
+from config.settings import Settings
+from pipelines.engine import run_step as engine_run_step
+from pipelines.runtime import Runtime
+from tasks.app import CeleryDispatcher, make_celery
+
+_runtime: Runtime | None = None
+_runtime_pid: int | None = None
+
+
+def bind(app: Celery, settings: Settings) -> Celery:
+    """Register genline's task on ``app``; each worker process builds its own runtime on first use
+    (never before the fork: database connections must not cross processes)."""
+
+    def runtime() -> Runtime:
+        global _runtime, _runtime_pid
+        if _runtime is None or _runtime_pid != os.getpid():
+            _runtime = Runtime.from_settings(settings, CeleryDispatcher(app))
+            _runtime_pid = os.getpid()
+        return _runtime
+
+    @app.task(name=RUN_STEP_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run_step(step_id: str) -> None:
+        engine_run_step(runtime(), step_id)
+
+    @worker_process_init.connect(weak=False)
+    def _fresh(**_: object) -> None:
+        global _runtime
+        _runtime = None
+
+    return app
+
+
+def celery_app(settings: Settings) -> Celery:
+    return bind(make_celery(settings), settings)

@@ -1,0 +1,11 @@
+"""The module ``celery -A tasks.worker`` loads: settings are read (and checked) once, here."""
+
+from __future__ import annotations
+
+from config.logging import configure_logging
+from config.settings import load_settings
+from tasks.steps import celery_app
+
+settings = load_settings()
+configure_logging(settings.log_level)
+app = celery_app(settings)
