@@ -73,3 +73,9 @@ def test_the_api_key_is_a_secret_file_not_a_variable() -> None:
     for service in doc["services"].values():
         assert "APIMART_API_KEY" not in service.get("environment", {})
     assert "apimart_api_key" in doc["secrets"]
+
+
+def test_readme_lists_every_setting_as_the_code_defines_it() -> None:
+    from config.settings import settings_table_markdown
+
+    assert settings_table_markdown() in (ROOT / "README.md").read_text()
