@@ -117,8 +117,8 @@ def report(final: dict[str, dict[str, Any]], *, as_json: bool) -> None:
     rows = []
     for pid, st in final.items():
         video = st.get("video") or {}
-        location = video.get("location")
-        exists = bool(location) and (not location.startswith("/") or Path(location).exists())
+        location: str | None = video.get("location")
+        exists = location is not None and (not location.startswith("/") or Path(location).exists())
         rows.append(
             {
                 "pipeline_id": pid,

@@ -78,7 +78,7 @@ def parse_chat(body: Any) -> ChatResult:
         raise ProviderBadResponse("The provider's chat answer has no choices[0].message.content.") from None
     if not isinstance(text, str):
         raise ProviderBadResponse("The provider's chat answer content is not text.")
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = _mapping(body.get("usage"))
     return ChatResult(
         text=text,
         prompt_tokens=_int(usage.get("prompt_tokens")),
@@ -99,7 +99,7 @@ def parse_submit(body: Any) -> SubmitResult:
     elif isinstance(data, dict):
         item = data
         task_id = data.get("id") or data.get("task_id")
-        info = data.get("task_info") if isinstance(data.get("task_info"), dict) else {}
+        info = _mapping(data.get("task_info"))
         estimated = info.get("estimated_time", data.get("estimated_time"))
     else:
         raise ProviderBadResponse("The provider's submit answer has a 'data' of an unknown shape.")
@@ -201,6 +201,10 @@ def _error_detail(body: Any) -> str:
         if body.get("message"):
             return str(body["message"])[:300]
     return ""
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _int(value: Any) -> int:

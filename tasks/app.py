@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue as KombuQueue
+from kombu.entity import Queue as KombuQueue
 
 from config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
 from config.settings import Settings
@@ -31,7 +31,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": Queue.COPY.value,
-        "task_queues": [KombuQueue(q, routing_key=q) for q in ALL_QUEUES],
+        "task_queues": [KombuQueue(q, routing_key=q) for q in ALL_QUEUES],  # type: ignore[no-untyped-call]
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "enable_utc": True,

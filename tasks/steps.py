@@ -29,11 +29,11 @@ def bind(app: Celery, settings: Settings) -> Celery:
             _runtime_pid = os.getpid()
         return _runtime
 
-    @app.task(name=RUN_STEP_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    @app.task(name=RUN_STEP_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]  # Celery ships no types
     def run_step(step_id: str) -> None:
         engine_run_step(runtime(), step_id)
 
-    @worker_process_init.connect(weak=False)
+    @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]  # Celery ships no types
     def _fresh(**_: object) -> None:
         global _runtime
         _runtime = None

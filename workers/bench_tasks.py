@@ -25,7 +25,7 @@ app.conf.update(
 _redis: redis.Redis | None = None
 
 
-@app.task(name="bench.noop")
+@app.task(name="bench.noop")  # type: ignore[untyped-decorator]  # Celery ships no types
 def noop(last: bool = False) -> None:
     global _redis
     if last:
