@@ -142,6 +142,26 @@ def status(pipeline_id: str, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("pipeline_id")
+@JSON_OPT
+def cancel(pipeline_id: str, as_json: bool) -> None:
+    """Cancel a pipeline: no later step starts, and a provider job that can be cancelled is.
+    A job the provider can no longer stop is still followed to its end so its cost is recorded."""
+    try:
+        with _api() as api:
+            result = api.cancel(pipeline_id)
+    except GenlineError as err:
+        fail(err, as_json=as_json)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(
+            f"Cancelled pipeline {pipeline_id}: {result['provider_jobs_cancelled']} provider job(s) "
+            f"stopped, {result['provider_jobs_left_running']} left to finish (their cost is recorded)."
+        )
+
+
+@cli.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--strict", is_flag=True, help="Submit nothing if any line is bad.")
 @click.option("--wait", is_flag=True, help="Stay and show progress until every pipeline ends.")
@@ -181,6 +201,12 @@ def config_cmd(markdown: bool) -> None:
         click.echo(f"{s.env:<32} {value}")
 
 
+def _provider_group() -> click.Group:
+    from cli.provider import provider
+
+    return provider
+
+
 def _register_subcommands() -> None:
     from cli.demo import demo
     from cli.services import db, flower, poller, simulator, worker
@@ -190,6 +216,7 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+cli.add_command(_provider_group())
 
 
 def main() -> None:

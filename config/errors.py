@@ -16,7 +16,9 @@ a plain-English ``message`` and, where one field of a request is to blame, that 
     │   │   ├── ProviderUnavailable   5xx
     │   │   ├── ProviderTimeout       the call timed out
     │   │   ├── ProviderConnectionError  connection refused or reset
-    │   │   └── ProviderBadResponse   the answer did not follow the contract
+    │   │   ├── ProviderBadResponse   the answer did not follow the contract
+    │   │   ├── CircuitOpen           this model keeps failing: we did not call it (use the next one)
+    │   │   └── ProviderPaused        paid work is paused after a 401/402: we did not call
     │   └── PermanentProviderError    never retry this request
     │       ├── ProviderRejected      400: invalid parameters or content moderation
     │       ├── ProviderForbidden     403
@@ -87,6 +89,8 @@ class ConfigError(GenlineError):
 # --- the provider ------------------------------------------------------------------------------
 class ProviderError(GenlineError):
     code = "provider_error"
+    #: True when genline refused the call itself (a stage), so the provider never saw it.
+    nothing_sent = False
 
     def __init__(
         self,
@@ -128,6 +132,16 @@ class ProviderConnectionError(RetryableProviderError):
 
 class ProviderBadResponse(RetryableProviderError):
     code = "provider_bad_response"
+
+
+class CircuitOpen(RetryableProviderError):
+    code = "provider_circuit_open"
+    nothing_sent = True
+
+
+class ProviderPaused(RetryableProviderError):
+    code = "provider_paused"
+    nothing_sent = True
 
 
 class PermanentProviderError(ProviderError):

@@ -193,6 +193,49 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
     ),
     Setting(
+        "GENLINE_STEP_MAX_ATTEMPTS",
+        "step_max_attempts",
+        "8",
+        "Runs of one step (each with its own provider retries) before it fails; a copy to storage "
+        "is retried until its link expires instead.",
+        _positive_int,
+    ),
+    Setting(
+        "GENLINE_PROVIDER_RATE_PER_S",
+        "provider_rate_per_s",
+        "50",
+        "Paid provider calls per second, shared by all workers (Redis token bucket).",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_BREAKER_THRESHOLD",
+        "breaker_threshold",
+        "5",
+        "Provider failures in a row (5xx, timeouts) that open a model's circuit breaker.",
+        _positive_int,
+    ),
+    Setting(
+        "GENLINE_BREAKER_COOLDOWN_S",
+        "breaker_cooldown_s",
+        "30",
+        "Seconds a model's breaker stays open before one probe call is let through.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_PAUSE_S",
+        "pause_s",
+        "300",
+        "Seconds paid work is paused after the provider answers 401 or 402 (then one call probes).",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_COPY_RISK_MARGIN_S",
+        "copy_risk_margin_s",
+        "900",
+        "A copy still not done this close to its link's expiry raises a copy_at_risk alert.",
+        _positive_float,
+    ),
+    Setting(
         "GENLINE_POLLER_BATCH",
         "poller_batch",
         "500",
@@ -260,6 +303,12 @@ class Settings:
     provider_max_attempts: int
     provider_backoff_s: float
     provider_backoff_cap_s: float
+    step_max_attempts: int
+    provider_rate_per_s: float
+    breaker_threshold: int
+    breaker_cooldown_s: float
+    pause_s: float
+    copy_risk_margin_s: float
     poller_batch: int
     poller_concurrency: int
     lease_s: float

@@ -42,6 +42,12 @@ class Genline:
     def status(self, pipeline_id: str) -> dict[str, Any]:
         return pipeline_status(self.runtime, pipeline_id)
 
+    def cancel(self, pipeline_id: str) -> dict[str, Any]:
+        """Stop a pipeline: no later step starts; provider jobs that can be cancelled are."""
+        from pipelines.cancel import cancel_pipeline
+
+        return cancel_pipeline(self.runtime, pipeline_id)
+
     def close(self) -> None:
         self.runtime.close()
 

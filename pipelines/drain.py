@@ -10,28 +10,29 @@ import asyncio
 
 from sqlalchemy import func, select
 
-from config.constants import PIPELINE_TERMINAL
+from config.constants import JobStatus
 from pipelines.dispatch import MemoryDispatcher
 from pipelines.engine import run_step
 from pipelines.poller import Poller
 from pipelines.runtime import Runtime
-from storage.models import Pipeline
+from storage.models import ProviderJob
 
 
-def open_pipelines(rt: Runtime) -> int:
+def jobs_in_flight(rt: Runtime) -> int:
     with rt.db.transaction() as s:
         return (
             s.scalar(
                 select(func.count())
-                .select_from(Pipeline)
-                .where(Pipeline.status.not_in([str(p) for p in PIPELINE_TERMINAL]))
+                .select_from(ProviderJob)
+                .where(ProviderJob.status.in_([JobStatus.PENDING, JobStatus.PROCESSING]))
             )
             or 0
         )
 
 
 def drain(rt: Runtime, *, max_rounds: int = 10_000, idle_wait_s: float = 0.02) -> int:
-    """Run until every pipeline is terminal (or ``max_rounds``); returns rounds used."""
+    """Run until nothing is left to do now: no nudge queued and no provider job in flight (a step
+    queued again for later waits for the sweeper, which tests call themselves). Returns rounds used."""
     assert isinstance(rt.dispatcher, MemoryDispatcher), "drain mode needs the in-memory dispatcher"
     poller = Poller(rt)
     loop = asyncio.new_event_loop()
@@ -41,7 +42,7 @@ def drain(rt: Runtime, *, max_rounds: int = 10_000, idle_wait_s: float = 0.02) -
                 run_step(rt, step_id)
             polled = loop.run_until_complete(poller.run_once())
             if not rt.dispatcher.sent and polled == 0:
-                if open_pipelines(rt) == 0:
+                if jobs_in_flight(rt) == 0:
                     return rounds
                 loop.run_until_complete(asyncio.sleep(idle_wait_s))  # a job is not due yet
         return max_rounds

@@ -8,6 +8,7 @@ the broker are sent only after the transaction that justifies them has committed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -17,8 +18,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, PipelineStatus, StepStatus
-from config.errors import ConfigError, GenlineError
+from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, PipelineStatus, StepKind, StepStatus
+from config.errors import ConfigError, GenlineError, ProviderError
 from config.logging import get_logger
 from pipelines.dispatch import queue_for
 from pipelines.runtime import Runtime
@@ -26,7 +27,6 @@ from pipelines.steps import STEP_FUNCTIONS, Done, StepContext
 from storage.models import Pipeline, ProviderCall, Step
 
 log = get_logger("genline.engine")
-MAX_STEP_ATTEMPTS = 5
 
 
 @dataclass
@@ -67,6 +67,7 @@ def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
         return effects
     if nxt is not None:
         if nxt.status == StepStatus.PENDING:
+            nxt.deadline_at = min_expiry(s, pipeline.id, output)
             nxt.status = StepStatus.QUEUED
             effects.nudges.append((nxt.id, queue_for(nxt.kind, pipeline.priority)))
         return effects
@@ -75,6 +76,14 @@ def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
     pipeline.cost_usd = pipeline_cost(s, pipeline.id)
     effects.finished.append(pipeline.id)
     return effects
+
+
+def min_expiry(s: Session, pipeline_id: str, output: dict[str, Any]) -> datetime | None:
+    """The earliest expiry among the provider links the rest of the pipeline still has to copy."""
+    times = [datetime.fromisoformat(a["expires_at"]) for a in output.get("assets", []) if a.get("expires_at")]
+    earlier = s.scalars(select(Step.output).where(Step.pipeline_id == pipeline_id, Step.kind == "image")).first()
+    times += [datetime.fromisoformat(a["expires_at"]) for a in (earlier or {}).get("assets", []) if a.get("expires_at")]
+    return min(times) if times else None
 
 
 def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
@@ -108,9 +117,25 @@ def pipeline_cost(s: Session, pipeline_id: str) -> Decimal:
 
 
 # --- running a step --------------------------------------------------------------------------------
+def _most_urgent_copy(s: Session, rt: Runtime, nudged: Step) -> Step:
+    """Copies run earliest-deadline first: a nudge for any copy step runs the most urgent one
+    that is waiting (every copy step has its own nudge, so none is left behind)."""
+    query = (
+        select(Step)
+        .where(Step.kind == StepKind.STORE, Step.status == StepStatus.QUEUED)
+        .order_by(Step.deadline_at.is_(None), Step.deadline_at)
+        .limit(1)
+    )
+    if rt.db.is_postgres:
+        query = query.with_for_update(of=Step, skip_locked=True)
+    return s.scalars(query).first() or nudged
+
+
 def _begin(rt: Runtime, step_id: str) -> StepContext | None:
     with rt.db.transaction() as s:
         step = s.get(Step, step_id, with_for_update={"of": Step})
+        if step is not None and step.kind == StepKind.STORE:
+            step = _most_urgent_copy(s, rt, step)
         if step is None:
             log.warning("unknown_step", step_id=step_id)
             return None
@@ -145,6 +170,7 @@ def _begin(rt: Runtime, step_id: str) -> StepContext | None:
             image_ref=pipeline.image_ref,
             models=dict(pipeline.models or {}),
             outputs={x.kind: dict(x.output or {}) for x in earlier},
+            deadline_at=step.deadline_at,
         )
 
 
@@ -153,31 +179,53 @@ def run_step(rt: Runtime, step_id: str) -> None:
     ctx = _begin(rt, step_id)
     if ctx is None:
         return
-    bound = log.bind(step_id=step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
+    bound = log.bind(step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
     try:
         outcome = STEP_FUNCTIONS[ctx.kind](rt, ctx)
     except GenlineError as err:
-        if err.retryable and ctx.attempt < MAX_STEP_ATTEMPTS:
-            _requeue(rt, step_id, err.code, err.message)
-            bound.warning("step_will_retry", code=err.code, message=err.message)
-        else:
-            bound.warning("step_failed", code=err.code, message=err.message)
-            _fail(rt, step_id, err.code, err.message)
+        _after_error(
+            rt,
+            ctx,
+            err.code,
+            err.message,
+            retryable=err.retryable,
+            refund=isinstance(err, ProviderError) and err.nothing_sent,
+        )
         return
     except (OperationalError, httpx.HTTPError) as exc:  # database or network hiccup
-        if ctx.attempt < MAX_STEP_ATTEMPTS:
-            _requeue(rt, step_id, "transient_error", type(exc).__name__)
-            bound.warning("step_will_retry", code="transient_error", error=type(exc).__name__)
-            return
-        _fail(rt, step_id, "transient_error", "A database or network error kept recurring.")
+        _after_error(
+            rt,
+            ctx,
+            "transient_error",
+            f"a database or network error kept recurring ({type(exc).__name__})",
+            retryable=True,
+            refund=False,
+        )
         return
     if isinstance(outcome, Done):
         with rt.db.transaction() as s:
-            effects = complete_step(s, s.get_one(Step, step_id), outcome.output)
+            effects = complete_step(s, s.get_one(Step, ctx.step_id), outcome.output)
         apply_effects(rt, effects)
         bound.info("step_succeeded")
     else:
         bound.info("step_waiting", job_id=outcome.job_id)
+
+
+def may_retry(rt: Runtime, kind: str, attempts: int, deadline: datetime | None) -> bool:
+    """A copy is retried until its link expires; any other step up to its attempt budget."""
+    if kind == StepKind.STORE and deadline is not None:
+        return utcnow() < deadline
+    return attempts < rt.settings.step_max_attempts
+
+
+def _after_error(rt: Runtime, ctx: StepContext, code: str, message: str, *, retryable: bool, refund: bool) -> None:
+    bound = log.bind(step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
+    if retryable and (refund or may_retry(rt, ctx.kind, ctx.attempt, ctx.deadline_at)):
+        _requeue(rt, ctx.step_id, code, message, refund=refund)
+        bound.warning("step_will_retry", code=code, message=message)
+        return
+    bound.warning("step_failed", code=code, message=message)
+    _fail(rt, ctx.step_id, code, message)
 
 
 def _fail(rt: Runtime, step_id: str, code: str, message: str) -> None:
@@ -186,14 +234,17 @@ def _fail(rt: Runtime, step_id: str, code: str, message: str) -> None:
     apply_effects(rt, effects)
 
 
-def _requeue(rt: Runtime, step_id: str, code: str, message: str) -> None:
+def _requeue(rt: Runtime, step_id: str, code: str, message: str, *, refund: bool = False) -> None:
     """Back to QUEUED; the sweeper sends it again once ``sweep_after_s`` has passed, so a retry
-    never waits in a worker slot or in a broker countdown."""
+    never waits in a worker slot or in a broker countdown. A try that genline refused before
+    anything reached the provider (an open breaker, a pause) does not count as an attempt."""
     with rt.db.transaction() as s:
         step = s.get_one(Step, step_id)
         if step.status == StepStatus.RUNNING:
             step.status = StepStatus.QUEUED
             step.error_code, step.error_message = code, message
+            if refund:
+                step.attempts = max(0, step.attempts - 1)
 
 
 def notify_callback(rt: Runtime, pipeline_id: str) -> None:

@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import select, update
 
 from config.clock import utcnow
-from config.constants import JobStatus, StepStatus
+from config.constants import PIPELINE_TERMINAL, JobStatus, StepStatus
 from config.errors import AccountError, ProviderError, ProviderNotFound
 from config.logging import get_logger
 from pipelines.audit import write_audit
-from pipelines.engine import Effects, apply_effects, complete_step, fail_step
+from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
 from provider.client import AsyncProviderClient
@@ -187,6 +187,9 @@ class Poller:
             job.completed_at = completed
             job.cost_usd = self.rt.catalog.model(job.model).media_cost(job.units)
             job.next_poll_at = None
+            if step.pipeline.status in PIPELINE_TERMINAL:  # cancelled meanwhile: record what it cost
+                step.pipeline.cost_usd = pipeline_cost(s, step.pipeline_id)
+                return Effects()
             return complete_step(s, step, {"model": job.model, "task_id": job.task_id, "assets": assets})
         if state.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             job.status = state.status

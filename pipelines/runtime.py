@@ -13,7 +13,9 @@ from config.settings import Settings
 from pipelines.audit import DatabaseAuditSink
 from pipelines.dispatch import Dispatcher, MemoryDispatcher
 from provider.client import ProviderClient
-from provider.gateway import Gateway, RetryPolicy
+from provider.gateway import Gateway, RetryPolicy, Stage
+from provider.shared_state import SharedState, shared_state_for
+from provider.stages import AccountGuard, CircuitBreaker, RateLimiter
 from storage.db import Database
 from storage.objects import ObjectStore, open_store
 
@@ -46,11 +48,26 @@ class Runtime:
         )
 
     @cached_property
+    def shared(self) -> SharedState:
+        return shared_state_for(self.settings.broker_url, embedded=self.settings.embedded_broker)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """In the gateway's order: pause (a budget stage goes here) → rate limit → breaker."""
+        s = self.settings
+        return [
+            AccountGuard(self.shared, pause_s=s.pause_s),
+            RateLimiter(self.shared, rate_per_s=s.provider_rate_per_s),
+            CircuitBreaker(self.shared, threshold=s.breaker_threshold, cooldown_s=s.breaker_cooldown_s),
+        ]
+
+    @cached_property
     def gateway(self) -> Gateway:
         return Gateway(
             self.catalog,
             DatabaseAuditSink(self.db),
             client=ProviderClient(self.settings),
+            stages=self.stages,
             retry=self.retry_policy,
         )
 

@@ -22,7 +22,15 @@ from sqlalchemy import select
 from config.catalog import Profile
 from config.clock import utcnow
 from config.constants import JobStatus, StepKind, StepStatus
-from config.errors import ProviderError, ProviderNotFound, ProviderUnavailable, RateLimited
+from config.errors import (
+    CircuitOpen,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderNotFound,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
 from config.logging import get_logger
 from pipelines.copy import copy_url_to_store
 from pipelines.request import sniff_image_type
@@ -47,6 +55,7 @@ class StepContext:
     image_ref: str  # the caller's URL, or the key of our copy of the uploaded photo
     models: dict[str, str]  # step kind -> model the request asked for
     outputs: dict[str, dict[str, Any]]  # earlier steps' outputs, by kind
+    deadline_at: datetime | None = None  # copy steps: when the provider's links expire
 
     def call(self, model: str | None) -> CallContext:
         return CallContext(self.user_id, self.feature, self.pipeline_id, self.step_id, model)
@@ -81,12 +90,29 @@ def write_copy(rt: Runtime, ctx: StepContext) -> Outcome:
     for model in ctx.candidates("copy", ctx.profile.copy_models):
         try:
             result = rt.gateway.chat(ctx.call(model), messages, max_tokens=ctx.profile.copy_max_tokens)
-        except (ProviderNotFound, ProviderUnavailable, RateLimited) as err:
+        except (
+            ProviderNotFound,
+            ProviderUnavailable,
+            RateLimited,
+            CircuitOpen,
+            ProviderTimeout,
+            ProviderConnectionError,
+        ) as err:
             last = err  # this model is out of reach now: the next one may not be
             continue
         return Done({"model": model, "text": result.text, "tokens": result.prompt_tokens + result.completion_tokens})
     assert last is not None
+    if last.retryable and ctx.attempt >= 2:
+        # Every copy model has been down through a retry: the pipeline goes on with plain copy
+        # built from the seller's own words, marked degraded, rather than waiting or failing.
+        log.warning("copy_degraded", step_id=ctx.step_id, code=last.code)
+        return Done({"model": None, "text": template_copy(ctx.description), "degraded": True, "tokens": 0})
     raise last
+
+
+def template_copy(description: str) -> str:
+    first = description.strip().split(". ")[0].rstrip(".")
+    return f"{first}.\n{description.strip()} Made to be used every day. Order yours today."
 
 
 # --- provider jobs (image, video) -----------------------------------------------------------------
@@ -136,8 +162,9 @@ def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
 
 
 def _falls_back(err: ProviderError) -> bool:
-    """Only errors that prove the provider created no job may move on to another model."""
-    return isinstance(err, (ProviderNotFound, ProviderUnavailable, RateLimited)) and err.status_code is not None
+    """Only errors that prove the provider made no job may move on to another model."""
+    answered_no = err.status_code is not None or err.nothing_sent
+    return answered_no and isinstance(err, (ProviderNotFound, ProviderUnavailable, RateLimited, CircuitOpen))
 
 
 def start_provider_job(
@@ -148,17 +175,30 @@ def start_provider_job(
     payload: Callable[[str], dict[str, Any]],
     units: float,
 ) -> Outcome:
+    """Submit one paid job for this step, or resume the one it already has (invariant 2).
+
+    The job row and its idempotency key (``genline:<step>:<model>``) are committed before the
+    call; the provider's task_id is committed right after it. A retry, a redelivery or a crash
+    anywhere in between submits with the same key, so the provider answers with the same job.
+    """
+    with rt.db.transaction() as s:
+        live = s.scalars(
+            select(ProviderJob).where(
+                ProviderJob.step_id == ctx.step_id,
+                ProviderJob.task_id.is_not(None),
+                ProviderJob.status.not_in([JobStatus.FAILED, JobStatus.CANCELLED]),
+            )
+        ).first()
+        if live is not None:  # this step has its job already: resume it, never submit again
+            _wait_on(s, ctx.step_id, live, live.model, rt.settings.poll_interval_s)
+            return Waiting(live.id)
     last: ProviderError | None = None
     for model in models:
         key = f"genline:{ctx.step_id}:{model}"
         with rt.db.transaction() as s:
             job = s.scalars(select(ProviderJob).where(ProviderJob.idempotency_key == key)).first()
-            if job is not None and job.task_id is not None:
-                # A redelivery or retry of a step whose job already exists: resume, never resubmit.
-                _wait_on(s, ctx.step_id, job, model, rt.settings.poll_interval_s)
-                return Waiting(job.id)
             if job is not None and job.status == JobStatus.FAILED:
-                continue  # this model refused the submit before; try the next
+                continue  # this model refused this request for good; try the next
             if job is None:
                 job = ProviderJob(
                     id=new_id("job"),
@@ -171,16 +211,10 @@ def start_provider_job(
                     units=units,
                 )
                 s.add(job)
-        # The intent (and its key) is committed: a crash from here on resubmits with the same key,
-        # and the provider answers with the same job instead of starting a second one.
         try:
             result = rt.gateway.submit(ctx.call(model), kind, payload(model), key)
         except ProviderError as err:
-            if err.status_code is not None:  # an HTTP answer: the provider made no job
-                with rt.db.transaction() as s:
-                    s.get_one(ProviderJob, job.id).status = JobStatus.FAILED
-                    s.get_one(ProviderJob, job.id).error_code = err.code
-                    s.get_one(ProviderJob, job.id).error_message = err.message
+            _record_refusal(rt, job.id, err)
             if _falls_back(err):
                 log.warning("model_fallback", step_id=ctx.step_id, model=model, code=err.code)
                 last = err
@@ -197,6 +231,21 @@ def start_provider_job(
         return Waiting(job.id)
     assert last is not None
     raise last
+
+
+def _record_refusal(rt: Runtime, job_id: str, err: ProviderError) -> None:
+    """What a failed submit leaves behind. A refusal that proves no job exists removes the
+    intent (a later run may try again) or, if final, marks it failed; an ambiguous failure (a
+    timeout, a reset) keeps the intent, so the next try reuses its key."""
+    if err.status_code is None and not err.nothing_sent:
+        return
+    with rt.db.transaction() as s:
+        job = s.get_one(ProviderJob, job_id)
+        if err.retryable:
+            s.delete(job)
+        else:
+            job.status = JobStatus.FAILED
+            job.error_code, job.error_message = err.code, err.message
 
 
 def _wait_on(s: Any, step_id: str, job: ProviderJob, model: str, interval: float) -> None:

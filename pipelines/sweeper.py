@@ -2,7 +2,9 @@
 
 A QUEUED step untouched for ``sweep_after_s`` is re-sent; a RUNNING step untouched for five times
 that is taken to have lost its worker and is queued again. Either way the step's own idempotency
-makes the repeat harmless. A step that keeps coming back fails with a plain reason.
+makes the repeat harmless, and the recovery is logged. A step that keeps coming back fails with a
+plain reason; a copy keeps being retried until its link expires, and raises a ``copy_at_risk``
+alert when that comes close.
 """
 
 from __future__ import annotations
@@ -12,22 +14,24 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select
 
 from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, StepStatus
+from config.constants import PIPELINE_TERMINAL, StepKind, StepStatus
 from config.logging import get_logger
 from pipelines.dispatch import queue_for
-from pipelines.engine import MAX_STEP_ATTEMPTS, Effects, apply_effects, fail_step
+from pipelines.engine import Effects, apply_effects, fail_step, may_retry
 from pipelines.runtime import Runtime
+from provider.stages import alert
 from storage.models import Pipeline, Step
 
 log = get_logger("genline.sweeper")
 
 
 def sweep(rt: Runtime, *, limit: int = 500) -> int:
-    """Re-nudge stuck steps; returns how many were touched."""
+    """Re-nudge stuck steps and flag copies at risk; returns how many steps were re-sent or failed."""
     now = utcnow()
     queued_cutoff = now - timedelta(seconds=rt.settings.sweep_after_s)
     running_cutoff = now - timedelta(seconds=rt.settings.sweep_after_s * 5)
     effects = Effects()
+    touched = 0
     with rt.db.transaction() as s:
         stuck = s.scalars(
             select(Step)
@@ -43,20 +47,40 @@ def sweep(rt: Runtime, *, limit: int = 500) -> int:
             .limit(limit)
         ).all()
         for step in stuck:
-            if step.attempts >= MAX_STEP_ATTEMPTS:
-                effects.merge(
-                    fail_step(
-                        s,
-                        step,
-                        step.error_code or "step_gave_up",
-                        f"it did not finish after {step.attempts} attempts"
-                        + (f" (last error: {step.error_message})" if step.error_message else ""),
-                    )
-                )
+            touched += 1
+            if not may_retry(rt, step.kind, step.attempts, step.deadline_at):
+                if step.kind == StepKind.STORE and step.deadline_at is not None:
+                    reason = "the provider's result link expired before the copy could finish"
+                    code = "result_expired"
+                else:
+                    reason = f"it did not finish after {step.attempts} attempts"
+                    code = step.error_code or "step_gave_up"
+                if step.error_message:
+                    reason += f" (last error: {step.error_message})"
+                effects.merge(fail_step(s, step, code, reason))
                 continue
             log.info("step_renudged", step_id=step.id, was=step.status, attempts=step.attempts)
             step.status = StepStatus.QUEUED
             step.updated_at = now
             effects.nudges.append((step.id, queue_for(step.kind, step.pipeline.priority)))
+        at_risk = s.execute(
+            select(Step.id, Step.pipeline_id, Step.deadline_at)
+            .where(
+                Step.kind == StepKind.STORE,
+                Step.status.in_([StepStatus.QUEUED, StepStatus.RUNNING]),
+                Step.deadline_at < now + timedelta(seconds=rt.settings.copy_risk_margin_s),
+            )
+            .limit(limit)
+        ).all()
+    for step_id, pipeline_id, deadline in at_risk:
+        assert deadline is not None  # the query asked for steps with a deadline
+        if rt.shared.set_if_absent(f"alerted:copy:{step_id}", "1", rt.settings.copy_risk_margin_s * 2):
+            alert(
+                rt.shared,
+                "copy_at_risk",
+                step_id=step_id,
+                pipeline_id=pipeline_id,
+                seconds_left=round((deadline - now).total_seconds(), 1),
+            )
     apply_effects(rt, effects)
-    return len(stuck)
+    return touched

@@ -63,6 +63,10 @@ def task_request(task_id: str) -> Request:
     return Request("GET", f"/v1/tasks/{task_id}", None, None)
 
 
+def cancel_request(task_id: str) -> Request:
+    return Request("POST", f"/v1/tasks/{task_id}/cancel", {}, None)
+
+
 def _headers(api_key: Secret | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "genline/0.1"}
     if api_key is not None:
@@ -144,6 +148,11 @@ class ProviderClient:
     def get_task(self, task_id: str) -> tuple[TaskState, Answer]:
         body, answer = self.send(task_request(task_id))
         return parse_task(body, task_id=task_id), answer
+
+    def cancel(self, task_id: str) -> tuple[bool, Answer]:
+        """Ask the provider to stop a job; False when it has already ended."""
+        _body, answer = self.send(cancel_request(task_id))
+        return True, answer
 
     def close(self) -> None:
         self._http.close()

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 from config.catalog import Catalog
 from config.clock import utcnow
 from config.constants import JobStatus
-from config.errors import ProviderError, RateLimited, RetryableProviderError
+from config.errors import ProviderError, ProviderNotFound, ProviderRejected, RateLimited, RetryableProviderError
 from config.logging import get_logger
 from provider.client import Answer, AsyncProviderClient, ProviderClient
 from provider.wire import ChatResult, SubmitResult, TaskState
@@ -61,6 +61,7 @@ class CallRecord:
     completion_tokens: int | None = None
     units: float | None = None
     cost_usd: Decimal = field(default_factory=Decimal)
+    ratelimit_remaining: int | None = None
 
 
 class Stage(Protocol):
@@ -159,6 +160,19 @@ class Gateway:
 
         return self._with_retries(ctx, "submit", call, lambda record, result: None)
 
+    def cancel(self, ctx: CallContext, task_id: str) -> bool:
+        """Stop a provider job. False when the provider says it cannot (it has ended already)."""
+        assert self._client is not None
+
+        def call() -> tuple[bool, Answer]:
+            assert self._client is not None
+            return self._client.cancel(task_id)
+
+        try:
+            return self._with_retries(ctx, "cancel", call, lambda record, result: None)
+        except (ProviderRejected, ProviderNotFound):
+            return False
+
     def _with_retries(
         self,
         ctx: CallContext,
@@ -228,6 +242,7 @@ class Gateway:
         if answer is not None:
             record.status_code = answer.status_code
             record.request_id = answer.request_id
+            record.ratelimit_remaining = answer.ratelimit_remaining
         elif error is not None:
             record.status_code = error.status_code
         if error is not None:

@@ -96,6 +96,7 @@ class Step(Base):
     __table_args__ = (
         UniqueConstraint("pipeline_id", "position"),
         Index("ix_steps_status_updated", "status", "updated_at"),
+        Index("ix_steps_kind_status_deadline", "kind", "status", "deadline_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -108,6 +109,8 @@ class Step(Base):
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # A copy step's deadline: when the provider's result link expires. Copies run earliest first.
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -314,6 +314,7 @@ class Job:
     idempotency_key: str | None
     polls: int = 0
     digests: dict[int, tuple[int, str]] = field(default_factory=dict)
+    cancelled_at: float | None = None  # set by POST /v1/tasks/{id}/cancel
 
     @property
     def ext(self) -> str:
@@ -338,6 +339,8 @@ class Job:
     def phase(self, now: float) -> tuple[str, int]:
         """``(status, progress)`` at ``now``."""
         elapsed = now - self.created
+        if self.cancelled_at is not None and now >= self.cancelled_at:
+            return "cancelled", min(99, max(0, int(100 * (self.cancelled_at - self.created) / (self.duration_s or 1))))
         if self.outcome == "fail" and elapsed >= 0.6 * self.duration_s:
             return "failed", 60 if self.duration_s else 0
         if now >= self.done_at:

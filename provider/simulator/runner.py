@@ -26,7 +26,7 @@ _SHUTDOWN_TIMEOUT_S = 2.0
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
-        import uvloop  # type: ignore[import-not-found]  # optional speed-up, not a dependency
+        import uvloop  # type: ignore[import-not-found, unused-ignore]  # optional speed-up, not a dependency
     except ImportError:
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

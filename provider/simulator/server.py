@@ -109,7 +109,7 @@ class SimState:
         """Bill a media job once, the first time it is seen completed."""
         if job.id in self._unsettled:
             status = job.phase(now)[0]
-            if status in ("completed", "failed"):
+            if status in ("completed", "failed", "cancelled"):
                 self._unsettled.discard(job.id)
                 if status == "completed":
                     self.billed_by_task[job.id] = job.cost_usd
@@ -302,6 +302,22 @@ async def get_task(request: web.Request) -> web.Response:
     return web.json_response({"code": 200, "data": job.view(now, f"{request.scheme}://{request.host}")})
 
 
+async def cancel_task(request: web.Request) -> web.Response:
+    """Cancel a job that has not finished; a cancelled job is never billed."""
+    state = _state(request)
+    job = state.jobs.get(request.match_info["task_id"])
+    if job is None:
+        raise SimError(404, f"Task '{request.match_info['task_id']}' does not exist.", code="task_not_found")
+    now = state.clock()
+    status = job.phase(now)[0]
+    if status in ("completed", "failed", "cancelled"):
+        raise SimError(400, f"Task '{job.id}' has already ended ({status}) and cannot be cancelled.",
+                       code="task_not_cancellable")
+    job.cancelled_at = now
+    state.settle(job, now)
+    return web.json_response({"code": 200, "data": {"id": job.id, "status": "cancelled"}})
+
+
 # --- result files ----------------------------------------------------------------------------------
 
 
@@ -409,6 +425,7 @@ def build_app(config: SimConfig, state: SimState | None = None) -> web.Applicati
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post(r"/v1/{kind:images|videos}/generations", submit)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
+    app.router.add_post("/v1/tasks/{task_id}/cancel", cancel_task)
     app.router.add_get("/files/{task_id}/{name}", result_file)
     app.router.add_get("/_sim/stats", sim_stats)
     app.router.add_get("/_sim/tasks/{task_id}", sim_task)

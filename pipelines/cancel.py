@@ -1,0 +1,77 @@
+"""Cancelling a pipeline: no later step starts, and provider jobs that can be stopped are stopped.
+
+A job the provider cannot stop any more is still polled to its end, so what it costs is recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from config.clock import utcnow
+from config.constants import JOB_TERMINAL, PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepStatus
+from config.errors import InvalidState, NotFound, ProviderError
+from config.logging import get_logger
+from pipelines.engine import pipeline_cost
+from pipelines.runtime import Runtime
+from provider.gateway import CallContext
+from storage.models import Pipeline, ProviderJob, Step
+
+log = get_logger("genline.cancel")
+
+
+def cancel_pipeline(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
+    with rt.db.transaction() as s:
+        pipeline = s.get(Pipeline, pipeline_id, with_for_update=True)
+        if pipeline is None:
+            raise NotFound(f"No pipeline has the id {pipeline_id!r}.", code="pipeline_not_found", field="id")
+        if pipeline.status in PIPELINE_TERMINAL:
+            raise InvalidState(
+                f"Pipeline {pipeline_id} has already {pipeline.status}; there is nothing to cancel.",
+                code="pipeline_finished",
+                field="id",
+            )
+        pipeline.status = PipelineStatus.CANCELLED
+        pipeline.error_code, pipeline.error_message = "cancelled", "Cancelled on request."
+        pipeline.finished_at = utcnow()
+        for step in pipeline.steps:
+            if step.status not in STEP_TERMINAL:
+                step.status = StepStatus.CANCELLED
+        in_flight = [
+            (job.id, job.task_id, job.model, job.step_id)
+            for job in s.scalars(
+                select(ProviderJob)
+                .join(Step)
+                .where(
+                    Step.pipeline_id == pipeline_id,
+                    ProviderJob.task_id.is_not(None),
+                    ProviderJob.status.not_in([str(x) for x in JOB_TERMINAL]),
+                )
+            )
+        ]
+        user_id, feature = pipeline.user_id, pipeline.feature
+    stopped = left = 0
+    for job_id, task_id, model, step_id in in_flight:
+        assert task_id is not None
+        try:
+            ok = rt.gateway.cancel(CallContext(user_id, feature, pipeline_id, step_id, model), task_id)
+        except ProviderError as err:
+            log.warning("provider_cancel_failed", task_id=task_id, code=err.code)
+            ok = False
+        if ok:
+            stopped += 1
+            with rt.db.transaction() as s:
+                job = s.get_one(ProviderJob, job_id)
+                job.status, job.next_poll_at = JobStatus.CANCELLED, None
+        else:
+            left += 1  # still polled to its end, so its cost is recorded
+    with rt.db.transaction() as s:
+        s.get_one(Pipeline, pipeline_id).cost_usd = pipeline_cost(s, pipeline_id)
+    log.info("pipeline_cancelled", pipeline_id=pipeline_id, provider_jobs_cancelled=stopped, still_running=left)
+    return {
+        "pipeline_id": pipeline_id,
+        "status": "cancelled",
+        "provider_jobs_cancelled": stopped,
+        "provider_jobs_left_running": left,
+    }

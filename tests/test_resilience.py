@@ -1,0 +1,290 @@
+"""Faults the provider and the machine throw at genline, and what people see: breakers that fail
+over, a shared rate limit, a paused account, cancellation, lost messages recovered, copies run
+by deadline and degraded copy. Over real HTTP against the simulator, in drain mode."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from config.clock import utcnow
+from config.errors import InvalidState, NotFound
+from config.settings import Settings
+from pipelines.api import Genline
+from pipelines.drain import drain
+from pipelines.engine import run_step
+from pipelines.poller import Poller
+from pipelines.runtime import Runtime
+from pipelines.sweeper import sweep
+from provider.gateway import CallContext, CallRecord
+from provider.shared_state import LocalSharedState
+from provider.simulator import SimulatorHandle
+from provider.stages import PAUSE_KEY, RateLimiter
+from storage.migrate import upgrade
+from storage.models import ProviderCall, ProviderJob, Step
+
+RequestFn = Callable[..., dict[str, Any]]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def faults(sim: SimulatorHandle, *entries: dict[str, Any]) -> None:
+    httpx.post(f"{sim.base_url}/_sim/faults", json={"script": list(entries)}).raise_for_status()
+
+
+def sim_config(sim: SimulatorHandle, **changes: Any) -> None:
+    httpx.post(f"{sim.base_url}/_sim/config", json=changes).raise_for_status()
+
+
+@pytest.fixture
+def strict_rt(sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> Runtime:
+    """One provider try per call and a breaker that opens after two failures."""
+    settings = make_settings(
+        sim.base_url, GENLINE_PROVIDER_MAX_ATTEMPTS="1", GENLINE_BREAKER_THRESHOLD="2", GENLINE_BREAKER_COOLDOWN_S="30"
+    )
+    upgrade(settings.database_url)
+    rt = Runtime.from_settings(settings)
+    rt.shared = LocalSharedState(clock=Clock())  # type: ignore[misc]  # a clock the test moves
+    return rt
+
+
+def _submits(rt: Runtime, pipeline_id: str, model: str) -> int:
+    with rt.db.transaction() as s:
+        return len(
+            s.scalars(
+                select(ProviderCall).where(
+                    ProviderCall.pipeline_id == pipeline_id,
+                    ProviderCall.operation == "submit",
+                    ProviderCall.model == model,
+                )
+            ).all()
+        )
+
+
+def test_an_open_breaker_fails_over_without_calling_the_failing_model(
+    strict_rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    rt, api = strict_rt, Genline(runtime=strict_rt)
+    ids = []
+    for n in range(3):
+        if n < 2:  # the preferred video model answers 503 (the fault hits the next video submit)
+            faults(sim, {"method": "POST", "path": "/v1/videos/generations", "status": 503, "times": 1})
+        ids.append(api.submit(request_fields()).pipeline_id)
+        drain(rt)
+    assert [api.status(p)["status"] for p in ids] == ["succeeded"] * 3
+    assert [api.status(p)["steps"][2]["model"] for p in ids] == ["kling-v3-omni"] * 3
+    assert _submits(rt, ids[0], "minimax-hailuo-2.3") == 1
+    assert _submits(rt, ids[1], "minimax-hailuo-2.3") == 1  # second failure in a row: the breaker opens
+    assert _submits(rt, ids[2], "minimax-hailuo-2.3") == 0  # open: not called at all
+    rt.close()
+
+
+def test_after_the_cooldown_one_probe_closes_the_breaker(
+    strict_rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    rt, api = strict_rt, Genline(runtime=strict_rt)
+    for _ in range(2):
+        faults(sim, {"method": "POST", "path": "/v1/videos/generations", "status": 503, "times": 1})
+        api.submit(request_fields())
+        drain(rt)
+    rt.shared._clock.now += 31  # type: ignore[attr-defined]  # past the cooldown: half-open
+    probe = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    assert api.status(probe)["steps"][2]["model"] == "minimax-hailuo-2.3"  # the probe went through
+    again = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    assert api.status(again)["steps"][2]["model"] == "minimax-hailuo-2.3"  # and the breaker is closed
+    rt.close()
+
+
+def test_the_rate_limit_is_one_bucket_for_every_worker() -> None:
+    clock, waits = Clock(), []
+    state = LocalSharedState(clock=clock)
+    workers = [RateLimiter(state, rate_per_s=2, burst=2, sleep=waits.append) for _ in range(2)]
+    ctx = CallContext(model="gpt-4o-mini")
+    workers[0].before(ctx, "chat")
+    workers[1].before(ctx, "chat")
+    workers[0].before(ctx, "chat")  # the bucket both share is empty: wait half a second
+    assert waits == [pytest.approx(0.5)]
+    workers[1].before(ctx, "poll")  # polls are free and not limited
+    assert len(waits) == 1
+
+
+def test_low_remaining_quota_slows_everyone_down_before_a_429() -> None:
+    state, waits = LocalSharedState(clock=Clock()), []
+    limiter = RateLimiter(state, rate_per_s=1000, sleep=waits.append)
+    limiter.after(CallRecord(ctx=CallContext(), operation="chat", ts=utcnow(), ratelimit_remaining=1), None)
+    RateLimiter(state, rate_per_s=1000, sleep=waits.append).before(CallContext(), "submit")
+    assert waits and waits[0] >= 0.5
+
+
+def test_a_402_pauses_paid_work_for_every_pipeline_and_says_why(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    faults(sim, {"method": "POST", "path": "/v1/images/generations", "status": 402, "times": 1})
+    first = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    status = api.status(first)
+    assert status["status"] == "failed" and status["error"]["code"] == "provider_insufficient_balance"
+    assert "run out of balance" in status["error"]["message"]
+    assert rt.shared.get(PAUSE_KEY) == "provider_insufficient_balance"
+    second = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    held = api.status(second)
+    assert held["status"] == "running"  # waiting, not failed, and not charged an attempt
+    assert held["steps"][0]["status"] == "queued" and held["steps"][0]["error"]["code"] == "provider_paused"
+    assert held["steps"][0]["attempts"] == 0
+    rt.shared.delete(PAUSE_KEY)  # `genline provider resume`
+    with rt.db.transaction() as s:
+        step = s.get_one(
+            Step,
+            held["steps"] and s.scalars(select(Step.id).where(Step.pipeline_id == second, Step.position == 0)).one(),
+        )
+        step.updated_at = utcnow() - timedelta(hours=1)
+    sweep(rt)
+    drain(rt)
+    assert api.status(second)["status"] == "succeeded"
+
+
+def test_cancel_stops_the_provider_job_and_no_later_step_starts(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    sim_config(sim, image_seconds=600)
+    pid = api.submit(request_fields()).pipeline_id
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # copy
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # image submitted
+    result = api.cancel(pid)
+    assert result == {
+        "pipeline_id": pid,
+        "status": "cancelled",
+        "provider_jobs_cancelled": 1,
+        "provider_jobs_left_running": 0,
+    }
+    drain(rt)
+    status = api.status(pid)
+    assert status["status"] == "cancelled"
+    assert [s["status"] for s in status["steps"]] == ["succeeded", "cancelled", "cancelled", "cancelled"]
+    stats = httpx.get(f"{sim.base_url}/_sim/stats").json()
+    assert stats["jobs_total"] == 1 and stats["jobs_by_status"] == {"cancelled": 1}
+    assert stats["billed_media_usd"] == 0
+
+
+def test_cancelling_a_finished_or_unknown_pipeline_is_a_clear_error(rt: Runtime, request_fields: RequestFn) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    with pytest.raises(InvalidState) as info:
+        api.cancel(pid)
+    assert info.value.code == "pipeline_finished" and "already succeeded" in info.value.message
+    with pytest.raises(NotFound):
+        api.cancel("pl_nope")
+
+
+def test_a_lost_message_is_sent_again_by_the_sweeper(rt: Runtime, request_fields: RequestFn) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    assert rt.dispatcher.pop()  # type: ignore[attr-defined]  # the broker lost the nudge
+    drain(rt, max_rounds=3)
+    assert api.status(pid)["status"] == "pending"
+    with rt.db.transaction() as s:
+        for step in s.scalars(select(Step).where(Step.pipeline_id == pid)):
+            step.updated_at = utcnow() - timedelta(seconds=rt.settings.sweep_after_s + 1)
+    assert sweep(rt) == 1
+    drain(rt)
+    assert api.status(pid)["status"] == "succeeded"
+
+
+def _run_all_but_copies(rt: Runtime, copies: int) -> list[str]:
+    """Drain until ``copies`` copy steps are queued, holding back their nudges; returns their ids."""
+    held: list[str] = []
+    poller = Poller(rt)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(200):
+            while (step_id := rt.dispatcher.pop()) is not None:  # type: ignore[attr-defined]
+                with rt.db.transaction() as s:
+                    kind = s.get_one(Step, step_id).kind
+                held.append(step_id) if kind == "store" else run_step(rt, step_id)
+            if len(held) == copies:
+                break
+            if not loop.run_until_complete(poller.run_once()):
+                loop.run_until_complete(asyncio.sleep(0.01))  # the next poll is not due yet
+        loop.run_until_complete(poller.aclose())
+    finally:
+        loop.close()
+    return held
+
+
+def test_copies_run_earliest_deadline_first_and_late_ones_raise_an_alert(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    ids = [api.submit(request_fields()).pipeline_id for _ in range(2)]
+    held = _run_all_but_copies(rt, copies=2)
+    assert len(held) == 2
+    with rt.db.transaction() as s:
+        late, urgent = (s.get_one(Step, step_id) for step_id in held)
+        urgent.deadline_at = utcnow() + timedelta(seconds=60)
+        late.deadline_at = utcnow() + timedelta(hours=20)
+        urgent_pipeline, late_step = urgent.pipeline_id, late.id
+    sweep(rt)
+    assert int(rt.shared.get("alerts:copy_at_risk") or 0) == 1  # 60 s left is inside the margin
+    run_step(rt, late_step)  # the late copy's nudge runs the urgent copy first
+    assert api.status(urgent_pipeline)["status"] == "succeeded"
+    assert sorted(api.status(p)["status"] for p in ids) == ["running", "succeeded"]
+    run_step(rt, held[1])
+    assert [api.status(p)["status"] for p in ids] == ["succeeded", "succeeded"]
+
+
+def test_copy_degrades_to_plain_text_when_every_chat_model_is_down(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    faults(sim, {"method": "POST", "path": "/v1/chat/completions", "status": 503, "times": 100})
+    pid = api.submit(request_fields(profile="draft")).pipeline_id
+    step_id = rt.dispatcher.pop()  # type: ignore[attr-defined]
+    run_step(rt, step_id)  # first try: every model down -> queued again
+    assert api.status(pid)["steps"][0]["status"] == "queued"
+    with rt.db.transaction() as s:
+        s.get_one(Step, step_id).updated_at = utcnow() - timedelta(hours=1)
+    sweep(rt)
+    drain(rt)
+    status = api.status(pid)
+    assert status["status"] == "succeeded"
+    with rt.db.transaction() as s:
+        output = s.get_one(Step, step_id).output
+    assert output and output["degraded"] is True and output["text"].startswith("Hand-thrown stoneware mug")
+
+
+def test_a_poll_answer_that_is_not_json_is_retried_not_fatal(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    faults(
+        sim,
+        {"method": "GET", "path": "/v1/tasks/*", "status": "non_json", "times": 2},
+        {"method": "GET", "path": "/v1/tasks/*", "status": "missing_fields", "times": 1},
+    )
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    rt.settings = rt.settings.with_overrides(poll_interval_s=0.001)
+    drain(rt)
+    assert api.status(pid)["status"] == "succeeded"
+    with rt.db.transaction() as s:
+        errors = s.scalars(select(ProviderCall.error_code).where(ProviderCall.operation == "poll")).all()
+    assert errors.count("provider_bad_response") == 3
+    with rt.db.transaction() as s:
+        assert all(j.task_id for j in s.scalars(select(ProviderJob)))
