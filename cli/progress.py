@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,8 +38,20 @@ def wait_for(
         length=total, label=label, show_percent=True, show_eta=False, file=None if show else open("/dev/null", "w")
     ) as bar:  # noqa: SIM115
         shown = 0
+        said: dict[str, str] = {}
+        narrate = show and not sys.stdout.isatty()  # no bar to redraw in a log: say what changed
         while True:
             latest = {pid: read(pid) for pid in ids}
+            if narrate:
+                for pid, st in latest.items():
+                    where = next(
+                        (f"{x['kind']} {x['status']}" for x in st["steps"] if x["status"] != "succeeded"),
+                        "all steps done",
+                    )
+                    line = f"{st['status']} ({where})"
+                    if said.get(pid) != line:
+                        said[pid] = line
+                        click.echo(f"  {pid}: {line}")
             done = sum(_done_units(s) for s in latest.values())
             bar.update(max(0, done - shown))
             shown = max(shown, done)
