@@ -181,22 +181,19 @@ def start_provider_job(
     call; the provider's task_id is committed right after it. A retry, a redelivery or a crash
     anywhere in between submits with the same key, so the provider answers with the same job.
     """
-    with rt.db.transaction() as s:
-        live = s.scalars(
-            select(ProviderJob).where(
-                ProviderJob.step_id == ctx.step_id,
-                ProviderJob.task_id.is_not(None),
-                ProviderJob.status.not_in([JobStatus.FAILED, JobStatus.CANCELLED]),
-            )
-        ).first()
-        if live is not None:  # this step has its job already: resume it, never submit again
-            _wait_on(s, ctx.step_id, live, live.model, rt.settings.poll_interval_s)
-            return Waiting(live.id)
     last: ProviderError | None = None
     for model in models:
         key = f"genline:{ctx.step_id}:{model}"
         with rt.db.transaction() as s:
-            job = s.scalars(select(ProviderJob).where(ProviderJob.idempotency_key == key)).first()
+            jobs = s.scalars(select(ProviderJob).where(ProviderJob.step_id == ctx.step_id)).all()
+            live = next(
+                (j for j in jobs if j.task_id is not None and j.status not in (JobStatus.FAILED, JobStatus.CANCELLED)),
+                None,
+            )
+            if live is not None:  # this step has its job already: resume it, never submit again
+                _wait_on(s, ctx.step_id, live, live.model, rt.settings.poll_interval_s)
+                return Waiting(live.id)
+            job = next((j for j in jobs if j.idempotency_key == key), None)
             if job is not None and job.status == JobStatus.FAILED:
                 continue  # this model refused this request for good; try the next
             if job is None:
@@ -260,19 +257,21 @@ def _wait_on(s: Any, step_id: str, job: ProviderJob, model: str, interval: float
 # --- store -----------------------------------------------------------------------------------------
 def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
     """Copy the video (and the image) into our storage before the provider's links expire."""
-    stored: dict[str, Any] = {}
-    for kind, ext in (("video", "mp4"), ("image", "png")):
+    wanted = {kind: f"outputs/{ctx.pipeline_id}/{kind}.{ext}" for kind, ext in (("video", "mp4"), ("image", "png"))}
+    with rt.db.transaction() as s:  # copied already by an earlier run of this step?
+        done = {
+            row.kind: _stored(row)
+            for row in s.scalars(select(StoredObject).where(StoredObject.key.in_(list(wanted.values()))))
+        }
+    rows = []
+    for kind, key in wanted.items():
+        if kind in done:
+            continue
         asset = ctx.outputs[kind]["assets"][0]
-        key = f"outputs/{ctx.pipeline_id}/{kind}.{ext}"
-        with rt.db.transaction() as s:
-            row = s.scalars(select(StoredObject).where(StoredObject.key == key)).first()
-            if row is not None:  # copied already by an earlier run of this step
-                stored[kind] = _stored(row)
-                continue
         expires = _parse_time(asset.get("expires_at"))
         info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type=kind)
-        with rt.db.transaction() as s:
-            row = StoredObject(
+        rows.append(
+            StoredObject(
                 id=new_id("obj"),
                 pipeline_id=ctx.pipeline_id,
                 step_id=ctx.step_id,
@@ -284,9 +283,12 @@ def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
                 content_type=info.content_type,
                 source_expires_at=expires,
             )
-            s.add(row)
-        stored[kind] = _stored(row)
-    return Done(stored)
+        )
+    if rows:
+        with rt.db.transaction() as s:
+            s.add_all(rows)
+        done.update({row.kind: _stored(row) for row in rows})
+    return Done(done)
 
 
 def _stored(row: StoredObject) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class Pipeline(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    steps: Mapped[list[Step]] = relationship(back_populates="pipeline", order_by="Step.position", lazy="selectin")
+    steps: Mapped[list[Step]] = relationship(back_populates="pipeline", order_by="Step.position", lazy="select")
 
 
 class Step(Base):
