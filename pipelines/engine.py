@@ -18,13 +18,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, PipelineStatus, StepKind, StepStatus
+from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepKind, StepStatus
 from config.errors import ConfigError, GenlineError, ProviderError
 from config.logging import get_logger
 from pipelines.dispatch import queue_for
 from pipelines.runtime import Runtime
 from pipelines.steps import STEP_FUNCTIONS, Done, StepContext
-from storage.models import Pipeline, ProviderCall, Step
+from storage.models import Pipeline, ProviderCall, ProviderJob, Step
 
 log = get_logger("genline.engine")
 
@@ -93,6 +93,14 @@ def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
         step.status = StepStatus.FAILED
         step.error_code, step.error_message = code, message
         step.finished_at = now
+    for job in s.scalars(
+        select(ProviderJob).where(ProviderJob.step_id == step.id, ProviderJob.status == JobStatus.INTENT)
+    ):
+        # A submit whose answer never came: the provider may have started this job. It is
+        # recorded as such (and its key never reused for anything else), not silently dropped.
+        job.status = JobStatus.UNKNOWN
+        job.error_code, job.error_message = "submit_outcome_unknown", "the provider may have started this job"
+        log.error("orphan_suspected", alert=True, step_id=step.id, job_id=job.id, model=job.model)
     pipeline = step.pipeline
     if pipeline.status in PIPELINE_TERMINAL:
         return effects

@@ -288,3 +288,22 @@ def test_a_poll_answer_that_is_not_json_is_retried_not_fatal(
     assert errors.count("provider_bad_response") == 3
     with rt.db.transaction() as s:
         assert all(j.task_id for j in s.scalars(select(ProviderJob)))
+
+
+def test_a_submit_that_never_answered_is_recorded_not_forgotten(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn, make_settings: Callable[..., Settings]
+) -> None:
+    """Every try of the image submit times out: the provider may have made the job. When the step
+    gives up, its job is recorded as of unknown outcome (and alerted), never silently dropped."""
+    rt.settings = rt.settings.with_overrides(step_max_attempts=1, http_timeout_s=0.2)
+    rt.__dict__.pop("gateway", None)
+    sim_config(sim, timeout_hang_s=1.0)
+    faults(sim, {"method": "POST", "path": "/v1/images/generations", "status": "timeout", "times": 10})
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    status = api.status(pid)
+    assert status["status"] == "failed" and status["error"]["code"] == "provider_timeout"
+    with rt.db.transaction() as s:
+        jobs = s.scalars(select(ProviderJob)).all()
+    assert [(j.status, j.error_code) for j in jobs] == [("unknown", "submit_outcome_unknown")]
