@@ -32,6 +32,9 @@ test-fast: $(STAMP) ## Only the tests that need no Redis or PostgreSQL
 bench: $(STAMP) ## Measure throughput against a bare Celery chain; writes var/bench/latest.json (QUICK=1 for a short run)
 	$(BIN)/python -m workers.bench $(if $(QUICK),--quick,)
 
+chaos: $(STAMP) ## Faults, kills and restarts on the production footprint; exits 1 if an invariant breaks (QUICK=1: 40 pipelines)
+	$(BIN)/python -m cli.main chaos $(if $(QUICK),--quick,)
+
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
 

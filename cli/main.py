@@ -201,6 +201,12 @@ def config_cmd(markdown: bool) -> None:
         click.echo(f"{s.env:<32} {value}")
 
 
+def _chaos_command() -> click.Command:
+    from cli.chaos import chaos
+
+    return chaos
+
+
 def _provider_group() -> click.Group:
     from cli.provider import provider
 
@@ -217,6 +223,7 @@ def _register_subcommands() -> None:
 
 _register_subcommands()
 cli.add_command(_provider_group())
+cli.add_command(_chaos_command())
 
 
 def main() -> None:
