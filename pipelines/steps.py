@@ -24,6 +24,7 @@ from config.clock import utcnow
 from config.constants import JobStatus, StepKind, StepStatus
 from config.errors import (
     CircuitOpen,
+    InvalidState,
     ProviderConnectionError,
     ProviderError,
     ProviderNotFound,
@@ -185,6 +186,9 @@ def start_provider_job(
     for model in models:
         key = f"genline:{ctx.step_id}:{model}"
         with rt.db.transaction() as s:
+            if s.get_one(Step, ctx.step_id).status != StepStatus.RUNNING:
+                # Cancelled (or taken over) while this worker was on it: start no paid job now.
+                raise InvalidState("The pipeline was cancelled; no job was started.", code="pipeline_cancelled")
             jobs = s.scalars(select(ProviderJob).where(ProviderJob.step_id == ctx.step_id)).all()
             live = next(
                 (j for j in jobs if j.task_id is not None and j.status not in (JobStatus.FAILED, JobStatus.CANCELLED)),
