@@ -30,7 +30,7 @@ test-fast: $(STAMP) ## Only the tests that need no Redis or PostgreSQL
 	$(BIN)/python -m pytest -m "not integration"
 
 bench: $(STAMP) ## Measure throughput against a bare Celery chain; writes var/bench/latest.json (QUICK=1 for a short run)
-	$(BIN)/python -m workers.bench $(if $(QUICK),--quick,)
+	$(BIN)/python -m workers.bench $(if $(QUICK),--quick,) $(if $(PROFILE),--profile,)
 
 chaos: $(STAMP) ## Faults, kills and restarts on the production footprint; exits 1 if an invariant breaks (QUICK=1: 40 pipelines)
 	$(BIN)/python -m cli.main chaos $(if $(QUICK),--quick,)

@@ -1,0 +1,161 @@
+"""Profiling for ``make bench PROFILE=1`` (``python -m workers.bench --profile``).
+
+py-spy samples a running process from outside (no change to the code measured, little overhead);
+its collapsed stacks ("a;b;c count" lines) are summarised here into the share of samples spent
+inside each function (inclusive) and in each function's own code (self), and into shares per
+library, which is what the report quotes. Without py-spy installed, profiling is skipped with a
+note; figures are never affected.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import TracebackType
+
+PROJECT = {"pipelines", "provider", "storage", "tasks", "config", "cli"}
+_FRAME = re.compile(r"^(?P<fn>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def py_spy() -> str | None:
+    exe = Path(sys.executable).parent / "py-spy"
+    return str(exe) if exe.exists() else shutil.which("py-spy")
+
+
+class Spy:
+    """``py-spy record`` on ``pid`` (and its children) while the ``with`` block runs."""
+
+    def __init__(self, pid: int, out: Path, *, subprocesses: bool = False, rate: int = 250, idle: bool = False) -> None:
+        self.pid, self.out, self.subprocesses, self.rate, self.idle = pid, out, subprocesses, rate, idle
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Spy:
+        exe = py_spy()
+        if exe is None:
+            print("  (py-spy is not installed: no profile)", flush=True)
+            return self
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        args = [
+            exe,
+            "record",
+            "-p",
+            str(self.pid),
+            "-r",
+            str(self.rate),
+            "-f",
+            "raw",
+            "-o",
+            str(self.out),
+            "--nonblocking",
+        ]
+        if self.subprocesses:
+            args.append("--subprocesses")
+        if self.idle:
+            args.append("--idle")
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def _frames(stack: str) -> list[tuple[str, str]]:
+    out = []
+    for raw in stack.split(";"):
+        m = _FRAME.match(raw.strip())
+        out.append((m["fn"], m["file"]) if m else (raw.strip(), ""))
+    return out
+
+
+def _library(file: str) -> str:
+    if "site-packages/" in file:
+        return file.split("site-packages/", 1)[1].split("/", 1)[0].split(".")[0]
+    if file.startswith("<") or "/" not in file and file.endswith(".py") is False:
+        return "python"
+    if "/lib/python3" in file or file.startswith(
+        (
+            "asyncio/",
+            "concurrent/",
+            "threading",
+            "selectors",
+            "socket",
+            "json/",
+            "ssl",
+            "http/",
+            "email/",
+            "logging/",
+            "queue",
+            "<frozen",
+        )
+    ):
+        return "stdlib"
+    first = file.split("/", 1)[0]
+    return first if first else "other"
+
+
+def summarise(path: Path, *, top: int = 25, focus: str | None = None) -> str:
+    """A text table: total samples, top functions by inclusive and self share, and self share by library.
+
+    ``focus``: only stacks that pass through a frame whose function or file contains this text.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return f"(no profile at {path})"
+    inclusive: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    self_: Counter[str] = Counter()
+    libs: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = _frames(stack)
+        if focus:
+            at = next((i for i, (fn, file) in enumerate(frames) if focus in fn or focus in file), None)
+            if at is None:
+                continue
+            frames = frames[at:]  # the stack from the focus frame down
+        count = int(count_text)
+        total += count
+        seen = set()
+        for fn, file in frames:
+            name = f"{fn} ({file})"
+            if name not in seen:
+                inclusive[name] += count
+                if file.split("/", 1)[0] in PROJECT:
+                    ours[name] += count
+                seen.add(name)
+        fn, file = frames[-1]
+        self_[f"{fn} ({file})"] += count
+        libs[_library(file)] += count
+    if not total:
+        return f"(no samples in {path}{' through ' + focus if focus else ''})"
+    lines = [f"{path.name}: {total} samples" + (f" through {focus!r}" if focus else "")]
+    lines.append("  self time by library: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in libs.most_common(8)))
+    lines.append("  inclusive (top):")
+    lines += [f"    {100 * v / total:5.1f}%  {k}" for k, v in inclusive.most_common(top)]
+    lines.append("  genline's own functions, inclusive (top):")
+    lines += [f"    {100 * v / total:5.1f}%  {k}" for k, v in ours.most_common(top)]
+    lines.append("  self (top):")
+    lines += [f"    {100 * v / total:5.1f}%  {k}" for k, v in self_.most_common(top)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(summarise(Path(arg)))
