@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from config.constants import PipelineStatus, StepStatus
 from config.errors import IdempotencyConflict
@@ -29,24 +30,6 @@ class Accepted:
     status: str
 
 
-def _existing(rt: Runtime, request: PipelineRequest) -> Accepted | None:
-    with rt.db.transaction() as s:
-        row = s.scalars(
-            select(Pipeline).where(
-                Pipeline.user_id == request.user_id, Pipeline.idempotency_key == request.idempotency_key
-            )
-        ).first()
-        if row is None:
-            return None
-        if row.request_hash != request.fingerprint():
-            raise IdempotencyConflict(
-                f"idempotency_key {request.idempotency_key!r} was already used by user {request.user_id!r} "
-                f"for a different request (pipeline {row.id}); use a new key for new work.",
-                field="idempotency_key",
-            )
-        return Accepted(row.id, False, row.status)
-
-
 def _input_image_url(rt: Runtime, request: PipelineRequest) -> str:
     """A URL the provider can fetch: the caller's own URL, or our copy of the uploaded file."""
     image = request.image
@@ -59,16 +42,34 @@ def _input_image_url(rt: Runtime, request: PipelineRequest) -> str:
     return rt.store.presigned_url(key, expires_s=7 * 24 * 3600)
 
 
+def _same_key(s: Session, request: PipelineRequest) -> Accepted | None:
+    row = s.scalars(
+        select(Pipeline).where(Pipeline.user_id == request.user_id, Pipeline.idempotency_key == request.idempotency_key)
+    ).first()
+    if row is None:
+        return None
+    if row.request_hash != request.fingerprint():
+        raise IdempotencyConflict(
+            f"idempotency_key {request.idempotency_key!r} was already used by user {request.user_id!r} "
+            f"for a different request (pipeline {row.id}); use a new key for new work.",
+            field="idempotency_key",
+        )
+    return Accepted(row.id, False, row.status)
+
+
 def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
-    """Accept one validated request. Returns at once; the pipeline runs on the workers."""
-    found = _existing(rt, request)
-    if found is not None:
-        return found
+    """Accept one validated request in one transaction. Returns at once; the pipeline runs on the
+    workers. The same idempotency key returns the same pipeline; a different request under it is
+    refused."""
     image_url = _input_image_url(rt, request)
     profile = rt.catalog.profiles[request.profile]
     pipeline_id = new_id("pl")
+    step_ids = [new_id("st") for _ in PIPELINE]
     try:
         with rt.db.transaction() as s:
+            found = _same_key(s, request)
+            if found is not None:
+                return found
             s.add(
                 Pipeline(
                     id=pipeline_id,
@@ -90,11 +91,8 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
                 )
             )
             s.flush()
-            first_step = ""
-            for position, (kind, _fn) in enumerate(PIPELINE):
-                step_id = new_id("st")
-                first_step = first_step or step_id
-                s.add(
+            s.add_all(
+                [
                     Step(
                         id=step_id,
                         pipeline_id=pipeline_id,
@@ -102,10 +100,13 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
                         kind=kind.value,
                         status=StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
                     )
-                )
+                    for position, (step_id, (kind, _fn)) in enumerate(zip(step_ids, PIPELINE, strict=True))
+                ]
+            )
     except IntegrityError:
         # Another submit with the same key won the race: answer with its pipeline.
-        again = _existing(rt, request)
+        with rt.db.transaction() as s:
+            again = _same_key(s, request)
         if again is None:
             raise
         return again
@@ -116,5 +117,5 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
         feature=request.feature,
         profile=request.profile,
     )
-    apply_effects(rt, Effects(nudges=[(first_step, queue_for(PIPELINE[0][0], request.priority))]))
+    apply_effects(rt, Effects(nudges=[(step_ids[0], queue_for(PIPELINE[0][0], request.priority))]))
     return Accepted(pipeline_id, True, PipelineStatus.PENDING.value)

@@ -2,7 +2,7 @@
 
 The same schema and the same code run on both; the differences are kept here:
 SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` transactions so several worker processes
-can write without "database is locked" upgrades failing half-way; PostgreSQL gets pre-ping.
+can write without "database is locked" upgrades failing half-way.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _tune_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    # No pre-ping: it cost a round trip per transaction (11% of a step, measured). A connection the
+    # server dropped fails its next use with OperationalError, which steps retry and the poller's
+    # round survives; connections are also recycled every five minutes.
+    return create_engine(url, pool_recycle=300, pool_size=pool_size, max_overflow=pool_size)
 
 
 def _tune_sqlite(engine: Engine) -> None:

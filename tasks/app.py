@@ -38,9 +38,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if not settings.embedded_broker:
         conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_s}
-        # Flower needs events; the embedded broker cannot fan them out, so only here.
+        # Flower needs the workers' events; the embedded broker cannot fan them out, so only here.
+        # No "task-sent" event from producers: it cost a quarter of each submit (measured), and
+        # Flower still sees every task from the workers' received/started/succeeded events.
         conf["worker_send_task_events"] = True
-        conf["task_send_sent_event"] = True
     return conf
 
 
