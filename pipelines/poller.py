@@ -20,15 +20,15 @@ from typing import Any
 from sqlalchemy import select, update
 
 from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, JobStatus, StepStatus
+from config.constants import PIPELINE_TERMINAL, JobStatus
 from config.errors import AccountError, ProviderError, ProviderNotFound
 from config.logging import get_logger
 from pipelines.audit import write_audit
 from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
-from provider.client import AsyncProviderClient
-from provider.gateway import CallContext, Gateway, MemoryAuditSink, gather_limited
+from provider.gateway import CallContext, Gateway, MemoryAuditSink, TaskReader, gather_limited
+from provider.poll_client import AiohttpTaskReader
 from provider.wire import TaskState
 from storage.models import Pipeline, ProviderJob, Step
 
@@ -64,7 +64,7 @@ def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> fl
 
 
 class Poller:
-    def __init__(self, rt: Runtime, *, client: AsyncProviderClient | None = None) -> None:
+    def __init__(self, rt: Runtime, *, client: TaskReader | None = None) -> None:
         self.rt = rt
         self.settings = rt.settings
         self.audit = MemoryAuditSink()
@@ -75,9 +75,7 @@ class Poller:
 
     async def _gateway(self) -> Gateway:
         if self.gateway is None:
-            client = self._client or AsyncProviderClient(
-                self.settings, max_connections=self.settings.poller_concurrency
-            )
+            client = self._client or AiohttpTaskReader(self.settings, max_connections=self.settings.poller_concurrency)
             self.gateway = Gateway(self.rt.catalog, self.audit, async_client=client, retry=self.rt.retry_policy)
         return self.gateway
 
@@ -132,12 +130,18 @@ class Poller:
 
     # --- apply ---------------------------------------------------------------------------------
     def apply(self, claimed: list[Claimed], answers: list[TaskState | BaseException]) -> Effects:
+        """All answers of a round in one transaction: one SELECT for the jobs, updates flushed
+        together at commit, the audit rows inserted in bulk; steps are loaded only for the jobs
+        that finished."""
         effects = Effects()
         now = utcnow()
-        with self.rt.db.transaction() as s:
+        with self.rt.db.transaction() as s, s.no_autoflush:
             write_audit(s, self.audit.drain())
+            jobs = {
+                j.id: j for j in s.scalars(select(ProviderJob).where(ProviderJob.id.in_([c.job_id for c in claimed])))
+            }
             for c, answer in zip(claimed, answers, strict=True):
-                job = s.get(ProviderJob, c.job_id)
+                job = jobs.get(c.job_id)
                 if job is None or job.status not in POLLED:
                     continue
                 job.lease_until = None
@@ -176,7 +180,6 @@ class Poller:
     def _on_state(
         self, s: Any, c: Claimed, job: ProviderJob, state: TaskState, now: datetime, elapsed: float
     ) -> Effects:
-        step = s.get_one(Step, c.step_id)
         if state.status == JobStatus.COMPLETED:
             completed = state.completed_at or now
             default_expiry = completed + timedelta(seconds=self.settings.result_ttl_s)
@@ -187,6 +190,7 @@ class Poller:
             job.completed_at = completed
             job.cost_usd = self.rt.catalog.model(job.model).media_cost(job.units)
             job.next_poll_at = None
+            step = s.get_one(Step, c.step_id)
             if step.pipeline.status in PIPELINE_TERMINAL:  # cancelled meanwhile: record what it cost
                 step.pipeline.cost_usd = pipeline_cost(s, step.pipeline_id)
                 return Effects()
@@ -197,6 +201,7 @@ class Poller:
             job.error_message = state.error_message
             job.next_poll_at = None
             reason = state.error_message or f"the job ended {state.status}"
+            step = s.get_one(Step, c.step_id)
             return fail_step(s, step, "provider_job_failed", f"the provider could not make the {c.kind}: {reason}")
         if not state.known_status:
             log.warning("unknown_job_status", task_id=c.task_id, status=state.status)
@@ -208,8 +213,6 @@ class Poller:
         job.next_poll_at = now + timedelta(
             seconds=next_delay(self.settings.poll_interval_s, elapsed, job.estimated_time_s)
         )
-        if step.status == StepStatus.RUNNING:
-            step.status = StepStatus.WAITING
         return Effects()
 
     # --- loop ----------------------------------------------------------------------------------

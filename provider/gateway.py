@@ -28,7 +28,7 @@ from config.clock import utcnow
 from config.constants import JobStatus
 from config.errors import ProviderError, ProviderNotFound, ProviderRejected, RateLimited, RetryableProviderError
 from config.logging import get_logger
-from provider.client import Answer, AsyncProviderClient, ProviderClient
+from provider.client import Answer, ProviderClient
 from provider.wire import ChatResult, SubmitResult, TaskState
 
 log = get_logger("genline.gateway")
@@ -70,6 +70,14 @@ class Stage(Protocol):
     def before(self, ctx: CallContext, operation: str) -> None: ...
 
     def after(self, record: CallRecord, error: ProviderError | None) -> None: ...
+
+
+class TaskReader(Protocol):
+    """What the poller reads job states with (``AiohttpTaskReader``, or httpx's ``AsyncProviderClient``)."""
+
+    async def get_task(self, task_id: str) -> tuple[TaskState, Answer]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class AuditSink(Protocol):
@@ -118,7 +126,7 @@ class Gateway:
         audit: AuditSink,
         *,
         client: ProviderClient | None = None,
-        async_client: AsyncProviderClient | None = None,
+        async_client: TaskReader | None = None,
         stages: Sequence[Stage] = (),
         retry: RetryPolicy = RetryPolicy(),
         sleep: Callable[[float], None] = time.sleep,

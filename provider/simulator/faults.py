@@ -92,14 +92,29 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for name in ("rate_429", "rate_500", "rate_503", "rate_timeout", "job_failure_rate",
-                     "job_stall_rate", "short_url_ttl_rate"):
+        for name in (
+            "rate_429",
+            "rate_500",
+            "rate_503",
+            "rate_timeout",
+            "job_failure_rate",
+            "job_stall_rate",
+            "short_url_ttl_rate",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1")
         if self.rate_429 + self.rate_500 + self.rate_503 + self.rate_timeout > 1.0:
             raise ValueError("rate_429 + rate_500 + rate_503 + rate_timeout must not exceed 1")
-        for name in ("image_seconds", "video_seconds", "latency_s", "url_ttl_s", "timeout_hang_s",
-                     "stall_seconds", "short_url_ttl_s", "retry_after_s"):
+        for name in (
+            "image_seconds",
+            "video_seconds",
+            "latency_s",
+            "url_ttl_s",
+            "timeout_hang_s",
+            "stall_seconds",
+            "short_url_ttl_s",
+            "retry_after_s",
+        ):
             if getattr(self, name) < 0 or math.isnan(getattr(self, name)):
                 raise ValueError(f"{name} must not be negative")
         if self.video_bytes < MP4_MIN_SIZE:
@@ -235,8 +250,12 @@ class FaultScript:
 def draw_request_fault(config: SimConfig, rng: random.Random) -> int | str | None:
     """One seeded draw per request: 429, 500, 503, ``"timeout"`` or nothing."""
     u = rng.random()
-    for outcome, rate in ((429, config.rate_429), (500, config.rate_500), (503, config.rate_503),
-                          ("timeout", config.rate_timeout)):
+    for outcome, rate in (
+        (429, config.rate_429),
+        (500, config.rate_500),
+        (503, config.rate_503),
+        ("timeout", config.rate_timeout),
+    ):
         if u < rate:
             return outcome
         u -= rate
@@ -297,10 +316,10 @@ def error_response(
     retry_after: float | None = None,
 ) -> web.Response:
     """``{"error": {"message", "type", "code", "param"}}`` with the given status (and Retry-After)."""
-    kind = _ERROR_KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error",
-                                     f"http_{status}", f"HTTP {status}."))
-    body = {"error": {"message": message or kind[2], "type": type_ or kind[0], "code": code or kind[1],
-                      "param": param}}
+    kind = _ERROR_KINDS.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", f"http_{status}", f"HTTP {status}.")
+    )
+    body = {"error": {"message": message or kind[2], "type": type_ or kind[0], "code": code or kind[1], "param": param}}
     response = web.json_response(body, status=status)
     if status == 429:
         response.headers["Retry-After"] = format_seconds(1.0 if retry_after is None else retry_after)
@@ -310,15 +329,24 @@ def error_response(
 class SimError(Exception):
     """An error answer in the provider's shape, raised anywhere in a handler."""
 
-    def __init__(self, status: int, message: str, *, type_: str | None = None, code: str | None = None,
-                 param: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type_, self.code = status, message, type_, code
         self.param, self.retry_after = param, retry_after
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, type_=self.type_, code=self.code, param=self.param,
-                              retry_after=self.retry_after)
+        return error_response(
+            self.status, self.message, type_=self.type_, code=self.code, param=self.param, retry_after=self.retry_after
+        )
 
 
 # --- the gate every request passes -----------------------------------------------------------------
@@ -370,8 +398,11 @@ async def _guard(request: web.Request, handler: Handler, state: GateState) -> we
         if config.api_key is not None and not hmac.compare_digest((token or "").encode(), config.api_key.encode()):
             raise SimError(401, "Incorrect API key provided.", code="invalid_api_key")
         if not allowed:
-            raise SimError(429, f"Rate limit of {config.rate_limit_per_s} requests per second reached.",
-                           retry_after=max(1, math.ceil(reset)))
+            raise SimError(
+                429,
+                f"Rate limit of {config.rate_limit_per_s} requests per second reached.",
+                retry_after=max(1, math.ceil(reset)),
+            )
     scripted = state.script.take(request.method, request.path)
     fault = scripted.status if scripted else draw_request_fault(config, state.rng) if is_v1 else None
     if fault == "timeout":

@@ -245,8 +245,7 @@ def image_urls(body: dict[str, Any]) -> list[str]:
         elif isinstance(url, str) and url.startswith(("http://", "https://")):
             kept.append(url)
         else:
-            raise BadParam("'image_urls' items must be http(s) URLs or data:image/...;base64 URLs.",
-                           param="image_urls")
+            raise BadParam("'image_urls' items must be http(s) URLs or data:image/...;base64 URLs.", param="image_urls")
     return kept
 
 
@@ -264,8 +263,7 @@ def media_params(body: dict[str, Any], kind: str, limit: float | None) -> tuple[
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
             raise BadParam("'n' must be an integer from 1 to 4.", param="n")
         if not isinstance(size, str) or not (size in ASPECTS or _PIXELS.fullmatch(size)):
-            raise BadParam(f"'size' {size!r} is not supported; use an aspect ratio such as 1:1 or 16:9.",
-                           param="size")
+            raise BadParam(f"'size' {size!r} is not supported; use an aspect ratio such as 1:1 or 16:9.", param="size")
         return {"size": size, "resolution": resolution(body, None), "image_urls": image_urls(body)}, n
     duration, aspect = body.get("duration", min(5, limit or 5)), body.get("aspect_ratio", "16:9")
     if not isinstance(duration, int | float) or isinstance(duration, bool) or duration <= 0:
@@ -273,10 +271,13 @@ def media_params(body: dict[str, Any], kind: str, limit: float | None) -> tuple[
     if limit is not None and duration > limit:
         raise BadParam(f"'duration' {duration} s is above this model's maximum of {limit} s.", param="duration")
     if aspect not in ASPECTS:
-        raise BadParam(f"'aspect_ratio' {aspect!r} is not supported; use e.g. 16:9 or 9:16.",
-                       param="aspect_ratio")
-    params = {"duration": duration, "aspect_ratio": aspect, "resolution": resolution(body, "720p"),
-              "image_urls": image_urls(body)}
+        raise BadParam(f"'aspect_ratio' {aspect!r} is not supported; use e.g. 16:9 or 9:16.", param="aspect_ratio")
+    params = {
+        "duration": duration,
+        "aspect_ratio": aspect,
+        "resolution": resolution(body, "720p"),
+        "image_urls": image_urls(body),
+    }
     return params, 1
 
 
@@ -363,20 +364,29 @@ class Job:
         """The task object of ``GET /v1/tasks/{id}``; result URLs are absolute, under ``origin``."""
         status, progress = self.phase(now)
         data: dict[str, Any] = {
-            "id": self.id, "status": status, "progress": progress, "created": int(self.created),
-            "estimated_time": self.estimated_time, "type": self.kind, "model": self.model,
+            "id": self.id,
+            "status": status,
+            "progress": progress,
+            "created": int(self.created),
+            "estimated_time": self.estimated_time,
+            "type": self.kind,
+            "model": self.model,
             "object": f"{self.kind}.generation.task",
         }
         if status == "completed":
             data["completed"] = int(self.done_at)
             data["actual_time"] = max(0, round(self.done_at - self.created))
             urls = [f"{origin}/files/{self.id}/{i}.{self.ext}" for i in range(len(self.seeds))]
-            data["result"] = {f"{self.kind}s": [
-                {"url": url if self.url_shape == "string" else [url], "expires_at": int(self.expires_at)}
-                for url in urls
-            ]}
+            data["result"] = {
+                f"{self.kind}s": [
+                    {"url": url if self.url_shape == "string" else [url], "expires_at": int(self.expires_at)}
+                    for url in urls
+                ]
+            }
         elif status == "failed":
             data["actual_time"] = max(0, round(0.6 * self.duration_s))
-            data["error"] = {"code": "generation_failed",
-                             "message": "The model could not generate this request; please try again."}
+            data["error"] = {
+                "code": "generation_failed",
+                "message": "The model could not generate this request; please try again.",
+            }
         return data

@@ -48,8 +48,9 @@ async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRun
 class SimulatorHandle:
     """A simulator running in a daemon thread; ``stop()`` (or leaving the ``with``) shuts it down."""
 
-    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, config: SimConfig, host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] | None = None
+    ) -> None:
         self.config = config
         self.state = SimState(config) if clock is None else SimState(config, clock)
         self._loop = _loop_factory()()
@@ -82,16 +83,18 @@ class SimulatorHandle:
     def __enter__(self) -> SimulatorHandle:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
         return f"SimulatorHandle({self.base_url!r})"
 
 
-def start_simulator(config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0, *,
-                    clock: Callable[[], float] | None = None) -> SimulatorHandle:
+def start_simulator(
+    config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0, *, clock: Callable[[], float] | None = None
+) -> SimulatorHandle:
     """Serve a simulator on ``host:port`` (0 = a free port) in the background; returns once it listens.
 
     ``clock`` (unix seconds; default ``time.time``) lets a test move job time forward without sleeping.

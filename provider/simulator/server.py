@@ -100,8 +100,9 @@ class SimState:
         self.inputs[job.seeds[0]] += 1
 
     def count_submit(self, key: str | None, created: bool) -> None:
-        counts = self.keyless if key is None else self.key_counts.setdefault(
-            key, {"submit_calls": 0, "jobs_created": 0})
+        counts = (
+            self.keyless if key is None else self.key_counts.setdefault(key, {"submit_calls": 0, "jobs_created": 0})
+        )
         counts["submit_calls"] += 1
         counts["jobs_created"] += int(created)
 
@@ -173,16 +174,21 @@ def _model(state: SimState, body: dict[str, Any], kind: str) -> dict[str, Any]:
         raise SimError(400, "'model' is required.", param="model")
     entry = state.config.prices.get(model)
     if entry is None or entry.get("kind") != kind:
-        raise SimError(404, f"The model '{model}' does not exist or is not a {kind} model.",
-                       code="model_not_found", param="model")
+        raise SimError(
+            404, f"The model '{model}' does not exist or is not a {kind} model.", code="model_not_found", param="model"
+        )
     return entry
 
 
 def _moderate(text: str) -> None:
     if _MODERATION_WORD in text.lower():
-        raise SimError(400, "Your request was rejected by the safety system: the prompt may contain content "
-                       "that is not allowed.", type_="content_policy_violation", code="content_policy_violation",
-                       param="prompt")
+        raise SimError(
+            400,
+            "Your request was rejected by the safety system: the prompt may contain content that is not allowed.",
+            type_="content_policy_violation",
+            code="content_policy_violation",
+            param="prompt",
+        )
 
 
 # --- /v1 -------------------------------------------------------------------------------------------
@@ -193,9 +199,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = body.get("model")
     _model(state, body, "chat")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str | list)
-        for m in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str | list)
+            for m in messages
+        )
     ):
         raise SimError(400, "'messages' must be a non-empty list of {role, content}.", param="messages")
     max_tokens = body.get("max_tokens")
@@ -210,19 +220,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finish = "length" if truncated else "stop"
     if body.get("stream") is True:
         return await _stream_chat(request, state, base, text, finish, usage)
-    return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]})
+    return web.json_response(
+        {
+            **base,
+            "object": "chat.completion",
+            "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        }
+    )
 
 
-async def _stream_chat(request: web.Request, state: SimState, base: dict[str, Any], text: str, finish: str,
-                       usage: dict[str, int]) -> web.StreamResponse:
+async def _stream_chat(
+    request: web.Request, state: SimState, base: dict[str, Any], text: str, finish: str, usage: dict[str, int]
+) -> web.StreamResponse:
     await hang_before_streaming(request, state)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
     def event(delta: dict[str, str], reason: str | None = None, **extra: Any) -> bytes:
-        chunk = {**base, "object": "chat.completion.chunk", **extra,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+        chunk = {
+            **base,
+            "object": "chat.completion.chunk",
+            **extra,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+        }
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     await response.write(event({"role": "assistant", "content": ""}))
@@ -259,14 +280,28 @@ async def submit(request: web.Request) -> web.Response:
     if shape == "list":
         data: Any = [{"status": "submitted", "task_id": job.id}]
     else:
-        data = {"id": job.id, "status": "pending", "progress": 0, "object": f"{kind}.generation.task",
-                "type": kind, "task_info": {"can_cancel": True, "estimated_time": job.estimated_time},
-                "created": int(job.created)}
+        data = {
+            "id": job.id,
+            "status": "pending",
+            "progress": 0,
+            "object": f"{kind}.generation.task",
+            "type": kind,
+            "task_info": {"can_cancel": True, "estimated_time": job.estimated_time},
+            "created": int(job.created),
+        }
     return web.json_response({"code": 200, "data": data})
 
 
-def _new_job(state: SimState, kind: str, model: str, prompt: str, params: dict[str, Any], items: int,
-             entry: dict[str, Any], key: str | None) -> Job:
+def _new_job(
+    state: SimState,
+    kind: str,
+    model: str,
+    prompt: str,
+    params: dict[str, Any],
+    items: int,
+    entry: dict[str, Any],
+    key: str | None,
+) -> Job:
     config, rng = state.config, state.rng
     failed, stalled, short = rng.random(), rng.random(), rng.random()
     outcome = "fail" if failed < config.job_failure_rate else "stall" if stalled < config.job_stall_rate else "complete"
@@ -276,13 +311,21 @@ def _new_job(state: SimState, kind: str, model: str, prompt: str, params: dict[s
         cost = Decimal(str(entry.get("per_second_usd", 0))) * Decimal(str(params["duration"]))
     url_shape = config.url_shape if config.url_shape != "by_model" else ("list" if kind == "image" else "string")
     job = Job(
-        id=state.new_task_id(), kind=kind, model=model, prompt=prompt, params=params,
-        seeds=[media_seed(kind, model, prompt, params, i) for i in range(items)], created=state.clock(),
-        duration_s=config.image_seconds if kind == "image" else config.video_seconds, outcome=outcome,
+        id=state.new_task_id(),
+        kind=kind,
+        model=model,
+        prompt=prompt,
+        params=params,
+        seeds=[media_seed(kind, model, prompt, params, i) for i in range(items)],
+        created=state.clock(),
+        duration_s=config.image_seconds if kind == "image" else config.video_seconds,
+        outcome=outcome,
         stall_s=config.stall_seconds,
         url_ttl_s=config.short_url_ttl_s if short < config.short_url_ttl_rate else config.url_ttl_s,
-        url_shape=url_shape, file_size=config.image_px if kind == "image" else config.video_bytes,
-        cost_usd=cost, idempotency_key=key,
+        url_shape=url_shape,
+        file_size=config.image_px if kind == "image" else config.video_bytes,
+        cost_usd=cost,
+        idempotency_key=key,
     )
     state.add_job(job)
     if key:
@@ -311,8 +354,9 @@ async def cancel_task(request: web.Request) -> web.Response:
     now = state.clock()
     status = job.phase(now)[0]
     if status in ("completed", "failed", "cancelled"):
-        raise SimError(400, f"Task '{job.id}' has already ended ({status}) and cannot be cancelled.",
-                       code="task_not_cancellable")
+        raise SimError(
+            400, f"Task '{job.id}' has already ended ({status}) and cannot be cancelled.", code="task_not_cancellable"
+        )
     job.cancelled_at = now
     state.settle(job, now)
     return web.json_response({"code": 200, "data": {"id": job.id, "status": "cancelled"}})
@@ -322,8 +366,10 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 def _s3_error(status: int, code: str, message: str, request: web.Request) -> web.Response:
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-            f"<Key>{request.path}</Key><RequestId>{request.get(REQUEST_ID, '')}</RequestId></Error>")
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+        f"<Key>{request.path}</Key><RequestId>{request.get(REQUEST_ID, '')}</RequestId></Error>"
+    )
     return web.Response(status=status, text=body, content_type="application/xml")
 
 
@@ -332,8 +378,13 @@ async def result_file(request: web.Request) -> web.StreamResponse:
     job = state.jobs.get(request.match_info["task_id"])
     match = _FILE.fullmatch(request.match_info["name"])
     now = state.clock()
-    if (job is None or match is None or match[2] != job.ext or int(match[1]) >= len(job.seeds)
-            or job.phase(now)[0] != "completed"):
+    if (
+        job is None
+        or match is None
+        or match[2] != job.ext
+        or int(match[1]) >= len(job.seeds)
+        or job.phase(now)[0] != "completed"
+    ):
         return _s3_error(404, "NoSuchKey", "The specified key does not exist.", request)
     if now >= job.expires_at:
         return _s3_error(403, "AccessDenied", "Request has expired", request)
@@ -370,16 +421,38 @@ async def sim_task(request: web.Request) -> web.Response:
         if i not in job.digests:  # hashing a large video must not block the loop
             job.digests[i] = await asyncio.get_running_loop().run_in_executor(None, sha256_of, job.chunks(i))
         size, digest = job.digests[i]
-        items.append({"index": i, "path": f"/files/{job.id}/{i}.{job.ext}", "content_type": job.content_type,
-                      "size": size, "sha256": digest})
+        items.append(
+            {
+                "index": i,
+                "path": f"/files/{job.id}/{i}.{job.ext}",
+                "content_type": job.content_type,
+                "size": size,
+                "sha256": digest,
+            }
+        )
     status, progress = job.phase(now)
-    return web.json_response({
-        "id": job.id, "kind": job.kind, "model": job.model, "prompt": job.prompt, "params": job.params,
-        "status": status, "progress": progress, "outcome": job.outcome, "created": job.created,
-        "done_at": job.done_at, "expires_at": job.expires_at, "estimated_time": job.estimated_time,
-        "url_shape": job.url_shape, "idempotency_key": job.idempotency_key, "polls": job.polls,
-        "cost_usd": float(job.cost_usd), "billed_usd": float(state.billed_by_task.get(job.id, 0)), "items": items,
-    })
+    return web.json_response(
+        {
+            "id": job.id,
+            "kind": job.kind,
+            "model": job.model,
+            "prompt": job.prompt,
+            "params": job.params,
+            "status": status,
+            "progress": progress,
+            "outcome": job.outcome,
+            "created": job.created,
+            "done_at": job.done_at,
+            "expires_at": job.expires_at,
+            "estimated_time": job.estimated_time,
+            "url_shape": job.url_shape,
+            "idempotency_key": job.idempotency_key,
+            "polls": job.polls,
+            "cost_usd": float(job.cost_usd),
+            "billed_usd": float(state.billed_by_task.get(job.id, 0)),
+            "items": items,
+        }
+    )
 
 
 async def sim_config(request: web.Request) -> web.Response:
