@@ -238,14 +238,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GENLINE_POLLER_BATCH",
         "poller_batch",
-        "500",
+        "2000",
         "Most due provider jobs one poller claims per round.",
         _positive_int,
     ),
     Setting(
         "GENLINE_POLLER_CONCURRENCY",
         "poller_concurrency",
-        "64",
+        "128",
         "Most polls one poller has in flight at once.",
         _positive_int,
     ),

@@ -27,7 +27,7 @@ from pipelines.audit import write_audit
 from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
-from provider.gateway import CallContext, Gateway, MemoryAuditSink, TaskReader, gather_limited
+from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader, gather_limited
 from provider.poll_client import AiohttpTaskReader
 from provider.wire import TaskState
 from storage.models import Pipeline, ProviderJob, Step
@@ -129,14 +129,16 @@ class Poller:
         )
 
     # --- apply ---------------------------------------------------------------------------------
-    def apply(self, claimed: list[Claimed], answers: list[TaskState | BaseException]) -> Effects:
+    def apply(
+        self, claimed: list[Claimed], answers: list[TaskState | BaseException], records: list[CallRecord] | None = None
+    ) -> Effects:
         """All answers of a round in one transaction: one SELECT for the jobs, updates flushed
         together at commit, the audit rows inserted in bulk; steps are loaded only for the jobs
         that finished."""
         effects = Effects()
         now = utcnow()
         with self.rt.db.transaction() as s, s.no_autoflush:
-            write_audit(s, self.audit.drain())
+            write_audit(s, self.audit.drain() if records is None else records)
             jobs = {
                 j.id: j for j in s.scalars(select(ProviderJob).where(ProviderJob.id.in_([c.job_id for c in claimed])))
             }
@@ -221,27 +223,48 @@ class Poller:
         if not claimed:
             return 0
         answers = await self.poll(claimed)
-        effects = await asyncio.to_thread(self.apply, claimed, answers)
-        await asyncio.to_thread(apply_effects, self.rt, effects)
+        await asyncio.to_thread(self._apply_and_move_on, claimed, answers, self.audit.drain())
         return len(claimed)
 
+    def _apply_and_move_on(
+        self, claimed: list[Claimed], answers: list[TaskState | BaseException], records: list[CallRecord]
+    ) -> None:
+        apply_effects(self.rt, self.apply(claimed, answers, records))
+
     async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 5.0, idle_s: float = 0.1) -> None:
+        """Rounds overlap: while one round's answers are being written, the next is claimed and
+        polled (its jobs are leased, so the two never touch the same rows)."""
         log.info("poller_started", owner=self.owner, interval_s=self.settings.poll_interval_s)
         last_sweep = 0.0
+        writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
+                count = 0
                 try:
-                    count = await self.run_once()
+                    claimed = await asyncio.to_thread(self.claim)
+                    count = len(claimed)
+                    answers = await self.poll(claimed) if claimed else []
+                    records = self.audit.drain()
+                    if writing is not None:
+                        await writing
+                        writing = None
+                    if claimed:
+                        writing = asyncio.create_task(
+                            asyncio.to_thread(self._apply_and_move_on, claimed, answers, records)
+                        )
                     if time.monotonic() - last_sweep > sweep_every_s:
                         last_sweep = time.monotonic()
                         await asyncio.to_thread(sweep, self.rt)
                 except Exception as exc:  # noqa: BLE001  # a database hiccup must not end the loop
                     log.error("poller_round_failed", error=repr(exc)[:300])
+                    writing = None
                     count = 0
                     await asyncio.sleep(1.0)
                 if count == 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=idle_s)
+            if writing is not None:
+                await writing
         finally:
             await self.aclose()
             log.info("poller_stopped", owner=self.owner)
