@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ from pipelines.request import PipelineRequest, validate_request
 def read_lines(path: Path, catalog: Any) -> tuple[list[tuple[int, PipelineRequest]], list[dict[str, Any]]]:
     good: list[tuple[int, PipelineRequest]] = []
     bad: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValidationError(
+            f"{path.name} is not a text file of JSON lines.", code="invalid_json", field="file"
+        ) from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
@@ -32,6 +39,12 @@ def read_lines(path: Path, catalog: Any) -> tuple[list[tuple[int, PipelineReques
     return good, bad
 
 
+def _say_bad(item: dict[str, Any]) -> None:
+    err = item["error"]
+    field = f" ({err['field']})" if err["field"] else ""
+    click.echo(f"line {item['line']}: error [{err['code']}]{field}: {err['message']}", err=True)
+
+
 def run_batch(path: Path, *, strict: bool, wait: bool, as_json: bool) -> int:
     from pipelines.api import Genline
     from pipelines.submit import submit_pipeline
@@ -41,9 +54,7 @@ def run_batch(path: Path, *, strict: bool, wait: bool, as_json: bool) -> int:
         good, bad = read_lines(path, rt.catalog)
         for item in bad:
             if not as_json:
-                err = item["error"]
-                field = f" ({err['field']})" if err["field"] else ""
-                click.echo(f"line {item['line']}: error [{err['code']}]{field}: {err['message']}", err=True)
+                _say_bad(item)
         submitted: list[dict[str, Any]] = []
         if bad and strict:
             if as_json:
@@ -54,7 +65,7 @@ def run_batch(path: Path, *, strict: bool, wait: bool, as_json: bool) -> int:
         with click.progressbar(
             good,
             label="submitting",
-            file=None if not as_json else open("/dev/null", "w"),  # noqa: SIM115
+            file=io.StringIO() if as_json else None,
             item_show_func=lambda item: f"line {item[0]}" if item else None,
         ) as bar:
             for number, request in bar:
@@ -62,6 +73,8 @@ def run_batch(path: Path, *, strict: bool, wait: bool, as_json: bool) -> int:
                     accepted = submit_pipeline(rt, request)
                 except GenlineError as err:
                     bad.append({"line": number, "error": err.to_dict()})
+                    if not as_json:
+                        _say_bad(bad[-1])
                     continue
                 submitted.append({"line": number, "pipeline_id": accepted.pipeline_id, "created": accepted.created})
         new = sum(1 for s in submitted if s["created"])

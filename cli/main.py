@@ -7,6 +7,7 @@ created); 3 any other error (provider, storage, infrastructure).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ import click
 from cli.output import EXIT_FAILED, describe_status, emit_json, fail
 from cli.progress import wait_for
 from config.errors import GenlineError, ValidationError
+from config.logging import configure_logging
 from config.settings import load_settings
 
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
@@ -37,6 +39,9 @@ def cli() -> None:
     Settings come from GENLINE_* and APIMART_* environment variables (see `genline config`).
     With none set, everything runs on this machine: SQLite, local files, an embedded broker.
     """
+    # Log lines go to stderr as JSON, warnings and worse only, so stdout stays the command's own
+    # output (one JSON document with --json). Long-running services set their own level.
+    configure_logging("WARNING")
 
 
 # --- submitting ------------------------------------------------------------------------------------
@@ -78,6 +83,10 @@ def _read_json_file(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValidationError(
             f"The request file is not valid JSON: {exc.msg} at line {exc.lineno}.", code="invalid_json", field="file"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValidationError(
+            "The request file is not text (is it the photo? pass that with --image).", code="invalid_json", field="file"
         ) from None
     if not isinstance(data, dict):
         raise ValidationError("The request file must hold one JSON object.", code="request_not_object", field="file")
@@ -196,8 +205,10 @@ def config_cmd(markdown: bool) -> None:
         fail(err, as_json=False)
     for s in SETTINGS:
         value = getattr(settings, s.attr, None)
-        if s.attr.startswith("provider_api_key"):
+        if s.attr == "provider_api_key":
             value = "(set)" if settings.provider_api_key else "(not set)"
+        elif s.attr == "provider_api_key_file":  # a path, not the key; settings keep only the key
+            value = os.environ.get(s.env) or "(not set)"
         click.echo(f"{s.env:<32} {value}")
 
 

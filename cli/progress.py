@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ def wait_for(
     total = sum(len(s["steps"]) * STEP_WEIGHT for s in latest.values())
     deadline = time.monotonic() + timeout_s
     with click.progressbar(
-        length=total, label=label, show_percent=True, show_eta=False, file=None if show else open("/dev/null", "w")
+        length=total, label=label, show_percent=True, show_eta=False, file=None if show else io.StringIO()
     ) as bar:  # noqa: SIM115
         shown = 0
         said: dict[str, str] = {}
