@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from config.clock import utcnow
 from config.constants import PIPELINE_TERMINAL, JobStatus
@@ -120,6 +120,12 @@ class Poller:
                 )
                 for job, user_id, feature, pipeline_id in rows
             ]
+
+    def seconds_to_next_due(self) -> float:
+        """How long until the earliest job is due (an idle poller sleeps just that long)."""
+        with self.rt.db.transaction() as s:
+            due = s.scalar(select(func.min(ProviderJob.next_poll_at)).where(ProviderJob.status.in_(POLLED)))
+        return float("inf") if due is None else (due - utcnow()).total_seconds()
 
     # --- poll ----------------------------------------------------------------------------------
     async def poll(self, claimed: list[Claimed]) -> list[TaskState | BaseException]:
@@ -231,7 +237,7 @@ class Poller:
     ) -> None:
         apply_effects(self.rt, self.apply(claimed, answers, records))
 
-    async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 5.0, idle_s: float = 0.1) -> None:
+    async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 5.0, idle_s: float = 0.25) -> None:
         """Rounds overlap: while one round's answers are being written, the next is claimed and
         polled (its jobs are leased, so the two never touch the same rows)."""
         log.info("poller_started", owner=self.owner, interval_s=self.settings.poll_interval_s)
@@ -261,8 +267,9 @@ class Poller:
                     count = 0
                     await asyncio.sleep(1.0)
                 if count == 0:
+                    nap = min(idle_s, await asyncio.to_thread(self.seconds_to_next_due))
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=idle_s)
+                        await asyncio.wait_for(stop.wait(), timeout=max(0.005, nap))
             if writing is not None:
                 await writing
         finally:
