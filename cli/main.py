@@ -209,6 +209,8 @@ def config_cmd(markdown: bool) -> None:
             value = "(set)" if settings.provider_api_key else "(not set)"
         elif s.attr == "provider_api_key_file":  # a path, not the key; settings keep only the key
             value = os.environ.get(s.env) or "(not set)"
+        elif s.attr in ("database_url", "broker_url") and isinstance(value, str) and "@" in value:
+            value = _without_password(value)
         click.echo(f"{s.env:<32} {value}")
 
 
@@ -222,6 +224,14 @@ def _provider_group() -> click.Group:
     from cli.provider import provider
 
     return provider
+
+
+def _without_password(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL fit to print."""
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in credentials else ''}@{host}"
 
 
 def _register_subcommands() -> None:

@@ -720,3 +720,22 @@ def test_the_api_key_never_appears_in_any_output_of_a_session(
     run("config", "--markdown")
     run("db", "upgrade")
     assert texts and not any(TEST_KEY in text for text in texts)
+
+
+def test_config_hides_passwords_in_database_and_broker_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.main import cli as genline
+
+    for name in list(os.environ):
+        if name.startswith(("GENLINE_", "APIMART_")):
+            monkeypatch.delenv(name)
+    result = CliRunner().invoke(
+        genline,
+        ["config"],
+        env={
+            "GENLINE_DATABASE_URL": "postgresql+psycopg://app:s3cret-pw@db:5432/genline",
+            "GENLINE_BROKER_URL": "redis://:r3dis-pw@redis:6379/0",
+        },
+    )
+    assert result.exit_code == 0, result.output
+    assert "s3cret-pw" not in result.output and "r3dis-pw" not in result.output
+    assert "postgresql+psycopg://app:***@db:5432/genline" in result.output
