@@ -33,7 +33,7 @@ bench: $(STAMP) ## Measure throughput against a bare Celery chain; writes var/be
 	$(BIN)/python -m workers.bench $(if $(QUICK),--quick,) $(if $(PROFILE),--profile,)
 
 chaos: $(STAMP) ## Faults, kills and restarts on the production footprint; exits 1 if an invariant breaks (QUICK=1: 40 pipelines)
-	$(BIN)/python -m cli.main chaos $(if $(QUICK),--quick,)
+	$(BIN)/genline chaos $(if $(QUICK),--quick,)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .

@@ -1,0 +1,308 @@
+"""The disruptions of a chaos run: its own Redis, and the hand that kills and restarts things.
+
+- ``OwnRedis``: a ``redis-server`` of the run's own on a free loopback port, started with
+  ``--save '' --appendonly no``, so restarting it loses every key (messages, unacked messages,
+  shared rate limits and breakers). The machine's shared Redis on 6379 is never touched.
+- ``OwnMoto``: moto's S3-compatible server (``python -m moto.server``) on a free loopback port.
+- ``fresh_database``: a PostgreSQL database of the run's own, dropped ``WITH (FORCE)`` afterwards.
+- ``Disruptor``: starts the worker processes and the poller, SIGKILLs a worker every few seconds
+  (and starts it again), kills the poller, restarts Redis and drops every PostgreSQL connection of
+  the run's database, each at a planned moment, and keeps a timeline of what it did when.
+
+Every scheduled disruption fires at its time or when its share of the pipelines has ended,
+whichever comes first, so each one lands while work is still in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis as redis_lib
+
+from workers.processes import Child, ProcessGroup
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+# boto3 (ours and the workers') talks to moto, which accepts any credentials; never read ~/.aws.
+DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "chaos",
+    "AWS_SECRET_ACCESS_KEY": "chaos",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+Say = Callable[[str], None]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OwnRedis:
+    """A Redis of the run's own, so restarting it disturbs nothing else on the machine."""
+
+    data_kept = False  # --save '' --appendonly no: a restart starts empty
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis_lib.Redis:
+        return redis_lib.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(redis_lib.RedisError), self.client() as conn:
+                if conn.ping():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        """SIGKILL: nothing is saved, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, down_s: float) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def __enter__(self) -> OwnRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class OwnMoto:
+    """moto's S3 server in its own process; its log is kept with the run's (and searched too)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / "moto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> OwnMoto:
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **DUMMY_AWS_ENV},
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
+                    return self
+            except urllib.error.HTTPError:
+                return self  # it answers HTTP: up
+            except OSError:
+                time.sleep(0.05)
+        self.__exit__()
+        raise RuntimeError(f"moto's S3 server did not start; see {self.log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def fresh_database(name: str) -> Iterator[str]:
+    """``postgresql+psycopg://`` URL of a new database, dropped (connections and all) on exit."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def drop_pg_connections(db_name: str) -> int:
+    """Terminate every backend connected to ``db_name``; returns how many there were."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (db_name,),
+        ).fetchall()
+    return sum(1 for (ok,) in rows if ok)
+
+
+@dataclass
+class Planned:
+    """One scheduled disruption: due at ``at_s`` seconds or once ``at_share`` of pipelines ended."""
+
+    what: str  # poller_kill | redis_restart | pg_connections_dropped
+    at_s: float
+    at_share: float
+
+
+def schedule(poller_kills: int, redis_restarts: int, pg_drops: int, first_s: float, gap_s: float) -> list[Planned]:
+    """Interleave the disruptions (poller, Redis, PostgreSQL, poller, ...) evenly over the run;
+    the last one is due by the time 80% of the pipelines have ended."""
+    kinds = {"poller_kill": poller_kills, "redis_restart": redis_restarts, "pg_connections_dropped": pg_drops}
+    order: list[str] = []
+    while any(kinds.values()):
+        for kind in kinds:
+            if kinds[kind]:
+                order.append(kind)
+                kinds[kind] -= 1
+    n = len(order)
+    return [Planned(kind, first_s + i * gap_s, 0.8 * (i + 1) / (n + 1)) for i, kind in enumerate(order)]
+
+
+class Disruptor:
+    """Owns the worker and poller processes and everything that is done to them."""
+
+    def __init__(
+        self,
+        group: ProcessGroup,
+        redis: OwnRedis,
+        db_name: str,
+        workers: dict[str, str | None],  # name -> queues (None: all)
+        *,
+        concurrency: int,
+        worker_kill_every_s: float,
+        planned: list[Planned],
+        say: Say,
+    ) -> None:
+        self.group, self.redis, self.db_name = group, redis, db_name
+        self.workers, self.concurrency = workers, concurrency
+        self.kill_every_s = worker_kill_every_s
+        self.planned = list(planned)
+        self.say = say
+        self.kills = {
+            "worker_sigkill": 0,
+            "poller_kill": 0,
+            "redis_restart": 0,
+            "pg_connections_dropped": 0,
+            "exited_by_itself": 0,
+        }
+        self.timeline: list[dict[str, Any]] = []
+        self._started = time.monotonic()
+        self._next_worker_kill = self._started + worker_kill_every_s
+        self._worker_turn = 0
+
+    # --- processes -------------------------------------------------------------------------------
+    def start_all(self) -> None:
+        for name in self.workers:
+            self._start(name)
+        self._start("poller")
+        self._started = time.monotonic()
+        self._next_worker_kill = self._started + self.kill_every_s
+
+    def _start(self, name: str) -> Child:
+        if name == "poller":
+            return self.group.start_poller()
+        return self.group.start_worker(name, queues=self.workers[name], concurrency=self.concurrency)
+
+    def _sigkill(self, name: str) -> None:
+        for child in [c for c in self.group.children if c.name == name]:
+            if child.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+            child.proc.wait(10)
+            self.group.children.remove(child)
+
+    # --- the disruptions -------------------------------------------------------------------------
+    def tick(self, terminal: int, total: int) -> None:
+        """Do whatever is due now: a worker kill on its cadence, the next planned disruption,
+        and a restart of any child that died by itself."""
+        now = time.monotonic()
+        if terminal >= total:
+            return
+        if now >= self._next_worker_kill:
+            names = list(self.workers)
+            name = names[self._worker_turn % len(names)]
+            self._worker_turn += 1
+            self._sigkill(name)
+            self._start(name)
+            self._record("worker_sigkill", terminal, name=name)
+            self._next_worker_kill = now + self.kill_every_s
+        share = terminal / total if total else 1.0
+        while self.planned and (now - self._started >= self.planned[0].at_s or share >= self.planned[0].at_share):
+            self._do(self.planned.pop(0).what, terminal)
+        self._restart_dead(terminal)
+
+    def _do(self, what: str, terminal: int) -> None:
+        if what == "poller_kill":
+            self._sigkill("poller")
+            time.sleep(1.0)  # a moment with no poller at all: leases must expire, nothing is lost
+            self._start("poller")
+            self._record(what, terminal)
+        elif what == "redis_restart":
+            self.redis.restart(down_s=2.0)
+            self._record(what, terminal, data_kept=OwnRedis.data_kept, down_s=2.0)
+        elif what == "pg_connections_dropped":
+            dropped = drop_pg_connections(self.db_name)
+            self._record(what, terminal, connections_terminated=dropped)
+        else:  # pragma: no cover - schedule() makes only the kinds above
+            raise ValueError(what)
+
+    def _restart_dead(self, terminal: int) -> None:
+        """A child that died without being killed here is started again, and counted: it is a
+        finding (a worker that cannot survive a Redis restart, say), not something to hide."""
+        for child in list(self.group.children):
+            if not child.alive():
+                tail = child.log_path.read_text(errors="replace").splitlines()[-3:]
+                self._sigkill(child.name)
+                self._start(child.name)
+                self._record("exited_by_itself", terminal, name=child.name, code=child.proc.returncode, tail=tail)
+
+    def _record(self, what: str, terminal: int, **detail: Any) -> None:
+        self.kills[what] += 1
+        at = round(time.monotonic() - self._started, 1)
+        self.timeline.append({"t_s": at, "what": what, "terminal_then": terminal, **detail})
+        extra = " ".join(f"{k}={v}" for k, v in detail.items() if k != "tail")
+        self.say(f"chaos: {at:6.1f}s  {what} {extra}".rstrip())
+
+    def unfinished(self) -> list[str]:
+        """Planned disruptions that never happened (the run ended or timed out first)."""
+        return [p.what for p in self.planned]
