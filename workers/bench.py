@@ -40,14 +40,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import redis
 from sqlalchemy import func, select, text
 
 from config.constants import PIPELINE_TERMINAL
+from workers.chaos_faults import fresh_database
 from workers.processes import ProcessGroup
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_DB = 14
 CONCURRENCY = 2
 POLL_INTERVAL_S = 0.1
@@ -79,14 +78,8 @@ def _wait(predicate: Any, timeout_s: float, what: str, tick: Any = None) -> None
 @contextlib.contextmanager
 def database() -> Iterator[str]:
     """A fresh PostgreSQL database for one section, dropped afterwards whatever happens."""
-    name = f"genline_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(f"genline_bench_{uuid.uuid4().hex[:8]}") as url:
+        yield url
 
 
 def bare_chains(n: int, broker: str, log_dir: Path) -> float:
