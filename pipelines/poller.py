@@ -27,6 +27,7 @@ from pipelines.audit import write_audit
 from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
+from pipelines.wakeup import Doorbell
 from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader, gather_limited
 from provider.poll_client import AiohttpTaskReader
 from provider.wire import TaskState
@@ -243,6 +244,9 @@ class Poller:
         log.info("poller_started", owner=self.owner, interval_s=self.settings.poll_interval_s)
         last_sweep = 0.0
         writing: asyncio.Task[None] | None = None
+        doorbell = Doorbell(self.rt.db.url) if self.rt.db.is_postgres else None
+        if doorbell is not None:
+            doorbell.start()
         try:
             while not stop.is_set():
                 count = 0
@@ -267,12 +271,17 @@ class Poller:
                     count = 0
                     await asyncio.sleep(1.0)
                 if count == 0:
-                    nap = min(idle_s, await asyncio.to_thread(self.seconds_to_next_due))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=max(0.005, nap))
+                    nap = max(0.005, min(idle_s, await asyncio.to_thread(self.seconds_to_next_due)))
+                    if doorbell is not None:  # a new job rings it: its first poll is then on time
+                        await doorbell.wait(stop, nap)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=nap)
             if writing is not None:
                 await writing
         finally:
+            if doorbell is not None:
+                await doorbell.aclose()
             await self.aclose()
             log.info("poller_stopped", owner=self.owner)
 

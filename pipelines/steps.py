@@ -37,6 +37,7 @@ from pipelines.copy import copy_url_to_store
 from pipelines.request import sniff_image_type
 from pipelines.runtime import Runtime
 from provider.gateway import CallContext
+from storage.db import wake_poller
 from storage.models import ProviderJob, Step, StoredObject, new_id
 
 log = get_logger("genline.steps")
@@ -252,6 +253,7 @@ def _record_refusal(rt: Runtime, job_id: str, err: ProviderError) -> None:
 def _wait_on(s: Any, step_id: str, job: ProviderJob, model: str, interval: float) -> None:
     if job.next_poll_at is None and job.status not in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
         job.next_poll_at = utcnow() + timedelta(seconds=interval)
+        wake_poller(s)
     step = s.get_one(Step, step_id)
     step.model = model
     if step.status == StepStatus.RUNNING:

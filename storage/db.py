@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,6 +55,24 @@ def _tune_sqlite(engine: Engine) -> None:
 
 def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+# The channel on which a commit that gives the poller new work wakes it (PostgreSQL only).
+NEW_JOBS_CHANNEL = "genline_new_jobs"
+
+
+def wake_poller(session: Session) -> None:
+    """Inside a transaction: tell a sleeping poller, once this commits, that a job now waits to be
+    polled, so its first poll is on time rather than at the poller's next idle check. PostgreSQL
+    delivers the notification at commit (never for a rollback) and folds repeats within one
+    transaction into one; on SQLite this does nothing and the poller finds the job by its naps."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {NEW_JOBS_CHANNEL}"))
+
+
+def libpq_conninfo(url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as psycopg's own connect() takes it (for LISTEN)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class Database:

@@ -68,3 +68,48 @@ def test_two_pollers_never_claim_the_same_job(pg_url: str, tmp_path: object) -> 
         s.execute(update(ProviderJob).values(lease_until=utcnow() - timedelta(seconds=1)))
     assert len(first.claim()) == 30
     rt.close()
+
+
+def test_a_committed_job_rings_the_pollers_doorbell_and_a_rollback_does_not(pg_url: str) -> None:
+    import asyncio
+
+    from pipelines.wakeup import Doorbell
+    from storage.db import Database, wake_poller
+
+    db = Database(pg_url)
+
+    async def scenario() -> tuple[bool, bool]:
+        bell = Doorbell(pg_url)
+        bell.start()
+        try:
+            await asyncio.wait_for(bell.rung.wait(), 30)  # rung once on connecting: it was not listening before
+            bell.rung.clear()
+
+            def rolled_back() -> None:
+                try:
+                    with db.transaction() as s:
+                        wake_poller(s)
+                        raise RuntimeError("roll back")
+                except RuntimeError:
+                    pass
+
+            await asyncio.to_thread(rolled_back)
+            await asyncio.sleep(0.3)
+            rang_on_rollback = bell.rung.is_set()
+
+            def committed() -> None:
+                with db.transaction() as s:
+                    wake_poller(s)
+
+            await asyncio.to_thread(committed)
+            await asyncio.wait_for(bell.rung.wait(), 30)
+            return rang_on_rollback, bell.rung.is_set()
+        finally:
+            await bell.aclose()
+
+    try:
+        rang_on_rollback, rang_on_commit = asyncio.run(scenario())
+    finally:
+        db.dispose()
+    assert not rang_on_rollback
+    assert rang_on_commit
