@@ -1,7 +1,7 @@
 """Object storage keeps outputs whole, verified and nowhere half-written.
 
 Local storage runs on real files under tmp_path; S3 runs against moto's S3-compatible server in
-its own process over loopback HTTP (tests/support/moto_server.py). No boto3 mocks.
+its own process over loopback HTTP (workers/moto_server.py). No boto3 mocks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from config.errors import ConfigError, RetryableStorageError, StorageError
 from storage.local import LocalObjectStore
 from storage.objects import ObjectStore, open_store
 from storage.s3 import S3ObjectStore, make_s3_client
-from tests.support.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
+from workers.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

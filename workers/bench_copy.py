@@ -126,7 +126,7 @@ def _combine(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure_copy(var: Path, *, quick: bool, log: Any = print) -> dict[str, Any]:
-    from tests.support.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
+    from workers.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
     size = (256 * MiB) if quick else GiB
     env = {k: v for k, v in os.environ.items() if k not in UNSET_AWS_ENV}

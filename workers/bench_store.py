@@ -47,7 +47,7 @@ def measure_completion_to_stored(
     from pipelines.runtime import Runtime
     from storage.migrate import upgrade
     from storage.objects import open_store
-    from tests.support.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
+    from workers.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
     from workers.processes import ProcessGroup
 
     finishers = 12 if quick else 60

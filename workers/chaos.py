@@ -41,8 +41,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from config.logging import configure_logging
-from workers.chaos_faults import DUMMY_AWS_ENV, Disruptor, OwnMoto, OwnRedis, fresh_database, schedule
+from workers.chaos_faults import Disruptor, OwnRedis, fresh_database, schedule
 from workers.chaos_verify import Verdict, invariant_failures, settled_stats
+from workers.moto_server import DUMMY_AWS_ENV, MotoServer
 from workers.processes import ProcessGroup
 
 DEFAULT_OUT = Path("var/chaos/latest.json")
@@ -165,7 +166,7 @@ class Chaos:
             stack.enter_context(_environ(DUMMY_AWS_ENV))  # our own boto3 client talks to moto too
             redis = stack.enter_context(OwnRedis(self.logs))
             db_url = stack.enter_context(fresh_database(self.db_name))
-            moto = stack.enter_context(OwnMoto(self.logs))
+            moto = stack.enter_context(MotoServer(log_path=self.logs / "moto.log"))
             sim = stack.enter_context(start_simulator(sim_config))
             env = self._env(db_url, redis.url, moto.endpoint_url, sim.base_url)
             settings = load_settings(env)

@@ -3,7 +3,6 @@
 - ``OwnRedis``: a ``redis-server`` of the run's own on a free loopback port, started with
   ``--save '' --appendonly no``, so restarting it loses every key (messages, unacked messages,
   shared rate limits and breakers). The machine's shared Redis on 6379 is never touched.
-- ``OwnMoto``: moto's S3-compatible server (``python -m moto.server``) on a free loopback port.
 - ``fresh_database``: a PostgreSQL database of the run's own, dropped ``WITH (FORCE)`` afterwards.
 - ``Disruptor``: starts the worker processes and the poller, SIGKILLs a worker every few seconds
   (and starts it again), kills the poller, restarts Redis and drops every PostgreSQL connection of
@@ -18,12 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +27,11 @@ from typing import Any
 import psycopg
 import redis as redis_lib
 
+from workers.moto_server import free_port
 from workers.processes import Child, ProcessGroup
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-# boto3 (ours and the workers') talks to moto, which accepts any credentials; never read ~/.aws.
-DUMMY_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "chaos",
-    "AWS_SECRET_ACCESS_KEY": "chaos",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 Say = Callable[[str], None]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OwnRedis:
@@ -105,52 +86,6 @@ class OwnRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class OwnMoto:
-    """moto's S3 server in its own process; its log is kept with the run's (and searched too)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_dir / "moto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> OwnMoto:
-        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **DUMMY_AWS_ENV},
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
-                    return self
-            except urllib.error.HTTPError:
-                return self  # it answers HTTP: up
-            except OSError:
-                time.sleep(0.05)
-        self.__exit__()
-        raise RuntimeError(f"moto's S3 server did not start; see {self.log_path}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
 
 @contextlib.contextmanager

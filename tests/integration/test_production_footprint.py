@@ -20,7 +20,7 @@ from storage.migrate import upgrade
 from storage.objects import open_store
 from storage.s3 import S3ObjectStore
 from tests.conftest import TEST_KEY
-from tests.support.moto_server import MotoServer
+from workers.moto_server import MotoServer
 from workers.processes import ProcessGroup
 
 PIPELINES = 20

@@ -1,10 +1,12 @@
-"""A real S3-compatible server for tests: moto's server mode in its own OS process on loopback.
+"""A real S3-compatible server on loopback: moto's server mode in its own OS process, for the
+tests, ``make bench`` and ``genline chaos`` alike.
 
     with MotoServer() as server:
         client = make_s3_client(endpoint_url=server.endpoint_url)
 
-The server keeps everything in memory and accepts any credentials; tests still give boto3 dummy
-ones (``DUMMY_AWS_ENV``) so nothing on the developer's machine is read or used.
+The server keeps everything in memory and accepts any credentials; callers still give boto3 dummy
+ones (``DUMMY_AWS_ENV``) so nothing on the developer's machine is read or used. Its output goes to
+a temporary file removed on stop, or to ``log_path`` (kept) when given.
 No pytest fixture lives here: the test modules (or conftest) wrap this in the scope they need.
 """
 
@@ -45,10 +47,11 @@ def free_port() -> int:
 class MotoServer:
     """Start ``python -m moto.server`` on a free loopback port; stop it on exit."""
 
-    def __init__(self, *, startup_timeout_s: float = 30.0) -> None:
+    def __init__(self, *, startup_timeout_s: float = 30.0, log_path: Path | None = None) -> None:
         self.startup_timeout_s = startup_timeout_s
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._keep_log = log_path
         self._log_path: Path | None = None
 
     @property
@@ -63,16 +66,22 @@ class MotoServer:
         last_error = ""
         for _ in range(3):
             self.port = free_port()
-            fd, log_name = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
-            self._log_path = Path(log_name)
+            if self._keep_log is not None:
+                self._log_path = self._keep_log
+                log_file = self._log_path.open("ab")
+            else:
+                fd, log_name = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
+                self._log_path = Path(log_name)
+                log_file = os.fdopen(fd, "wb")
             env = {**os.environ, **DUMMY_AWS_ENV}
-            with os.fdopen(fd, "wb") as log_file:
+            with log_file:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    start_new_session=True,  # a Ctrl-C to the caller is the caller's to handle
                 )
             if self._wait_until_up():
                 return self
@@ -112,9 +121,9 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
-        if self._log_path is not None:
+        if self._log_path is not None and self._keep_log is None:
             self._log_path.unlink(missing_ok=True)
-            self._log_path = None
+        self._log_path = None
 
     def __enter__(self) -> MotoServer:
         return self.start()
