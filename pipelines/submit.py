@@ -1,15 +1,40 @@
 """Accepting a pipeline: validate, then one transaction; the same idempotency key returns the
 same pipeline. The first step is nudged only after the commit; if that nudge is lost, the sweeper
-sends it again, so an accepted pipeline never waits forever."""
+sends it again, so an accepted pipeline never waits forever.
+
+A submit is on the caller's path, so its rows are written by plain statements, not ORM objects:
+the unit of work (a look-up, a flush, then the steps) took ~1.4 ms of a ~2 ms submit (measured).
+They are the rows the ORM wrote: each column with a Python-side default in ``storage/models.py``
+is filled here too (``_PIPELINE_COLUMNS``, ``_STEP_ROWS``).
+
+- PostgreSQL: ONE statement, run on its own (autocommit), so it is one transaction and one round
+  trip: ``WITH accepted AS (INSERT INTO pipelines ... ON CONFLICT (user_id, idempotency_key) DO
+  NOTHING RETURNING id) INSERT INTO steps ... SELECT ... FROM accepted CROSS JOIN (VALUES ...)``;
+  the steps are written only if the pipeline was. It runs on the pooled psycopg connection, which
+  prepares it on the server: the same statement through SQLAlchemy's execution cost ~100 µs more
+  a submit (measured), and SQLAlchemy does not cache a multi-row VALUES, so compiled it each time.
+- SQLite: ``BEGIN IMMEDIATE`` (the engine's ``begin`` hook), the same conditional pipeline insert,
+  the steps in one ``executemany``, ``COMMIT``.
+
+If the key is taken, the pipeline holding it answers: the same request gets it back with
+``created=False``, a different one is refused. Two submits with one key at once: the second
+insert waits for the first's transaction, then inserts nothing, and both answer with one pipeline
+(SQLite: ``BEGIN IMMEDIATE`` runs them one after the other).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, NoReturn
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+import psycopg
+from psycopg.types.json import Json
+from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError
 
+from config.clock import utcnow
 from config.constants import PipelineStatus, StepStatus
 from config.errors import IdempotencyConflict
 from config.logging import get_logger
@@ -18,9 +43,67 @@ from pipelines.engine import Effects, apply_effects
 from pipelines.request import PipelineRequest
 from pipelines.runtime import Runtime
 from pipelines.steps import PIPELINE
-from storage.models import Pipeline, Step, new_id
+from storage.models import Pipeline, Step, UTCDateTime, new_id
 
 log = get_logger("genline.submit")
+
+_PIPELINES = Pipeline.metadata.tables[Pipeline.__tablename__]
+_STEPS = Step.metadata.tables[Step.__tablename__]
+_KEY = (_PIPELINES.c.user_id, _PIPELINES.c.idempotency_key)  # unique constraint uq_pipelines_user_id
+# Every column the ORM wrote for a new pipeline; the others are NULL. Defaults filled here:
+# priority and models (the request always has them), cost_usd 0, created_at = updated_at = now.
+_PIPELINE_COLUMNS = (
+    "id",
+    "user_id",
+    "feature",
+    "profile",
+    "description",
+    "image_ref",
+    "image_url",
+    "callback_url",
+    "priority",
+    "models",
+    "idempotency_key",
+    "request_hash",
+    "status",
+    "estimated_cost_usd",
+    "cost_usd",
+    "created_at",
+    "updated_at",
+)
+# A new step: place, kind and first status come from PIPELINE; attempts 0 (the model default),
+# created_at = updated_at = now; model, output, errors and times are NULL.
+_STEP_ROWS = tuple(
+    (position, kind.value, (StepStatus.QUEUED if position == 0 else StepStatus.PENDING).value)
+    for position, (kind, _fn) in enumerate(PIPELINE)
+)
+_STEP_COLUMNS = ("id", "pipeline_id", "position", "kind", "status", "attempts", "created_at", "updated_at")
+
+
+def _postgres_sql() -> str:
+    """The PostgreSQL statement, in psycopg's ``%(name)s`` style; its rowcount is the steps written."""
+    values = ", ".join(
+        "%(now)s" if name in ("created_at", "updated_at") else f"%({name})s" for name in _PIPELINE_COLUMNS
+    )
+    steps = ", ".join(
+        f"(%(step_{position})s, {position}, '{kind}', '{status}')" for position, kind, status in _STEP_ROWS
+    )
+    return (
+        f"WITH accepted AS (INSERT INTO {_PIPELINES.name} ({', '.join(_PIPELINE_COLUMNS)}) VALUES ({values}) "
+        f"ON CONFLICT ({', '.join(c.name for c in _KEY)}) DO NOTHING RETURNING id) "
+        f"INSERT INTO {_STEPS.name} ({', '.join(_STEP_COLUMNS)}) "
+        "SELECT s.id, accepted.id, s.position, s.kind, s.status, 0, %(now)s, %(now)s "
+        f"FROM accepted CROSS JOIN (VALUES {steps}) AS s (id, position, kind, status)"
+    )
+
+
+_POSTGRES_ACCEPT = _postgres_sql()  # psycopg prepares it on the server after a few runs
+_UTC_DATETIME = UTCDateTime()
+_SQLITE_PIPELINE = sqlite.insert(_PIPELINES).on_conflict_do_nothing(index_elements=_KEY)
+_SQLITE_STEPS = insert(_STEPS)
+_SAME_KEY = select(_PIPELINES.c.id, _PIPELINES.c.status, _PIPELINES.c.request_hash).where(
+    _PIPELINES.c.user_id == bindparam("user_id"), _PIPELINES.c.idempotency_key == bindparam("idempotency_key")
+)
 
 
 @dataclass(frozen=True)
@@ -42,13 +125,12 @@ def _input_image_url(rt: Runtime, request: PipelineRequest) -> str:
     return rt.store.presigned_url(key, expires_s=7 * 24 * 3600)
 
 
-def _same_key(s: Session, request: PipelineRequest) -> Accepted | None:
-    row = s.scalars(
-        select(Pipeline).where(Pipeline.user_id == request.user_id, Pipeline.idempotency_key == request.idempotency_key)
-    ).first()
+def _same_key(conn: Connection, request: PipelineRequest, fingerprint: str) -> Accepted | None:
+    """The pipeline already accepted under this user's key, if any; refused if it was another request."""
+    row = conn.execute(_SAME_KEY, {"user_id": request.user_id, "idempotency_key": request.idempotency_key}).first()
     if row is None:
         return None
-    if row.request_hash != request.fingerprint():
+    if row.request_hash != fingerprint:
         raise IdempotencyConflict(
             f"idempotency_key {request.idempotency_key!r} was already used by user {request.user_id!r} "
             f"for a different request (pipeline {row.id}); use a new key for new work.",
@@ -57,65 +139,100 @@ def _same_key(s: Session, request: PipelineRequest) -> Accepted | None:
     return Accepted(row.id, False, row.status)
 
 
+def _taken_and_gone(request: PipelineRequest) -> NoReturn:
+    # The insert found the key taken, yet no row holds it. Pipelines are never deleted, so this is
+    # not expected; say so rather than accept nothing.
+    raise RuntimeError(
+        f"idempotency_key {request.idempotency_key!r} of user {request.user_id!r} was taken, but no pipeline holds it"
+    )
+
+
+def _write_postgres(conn: Connection, row: dict[str, Any], step_ids: list[str]) -> bool:
+    """The one statement, on its own (autocommit); True if the pipeline and its steps were written."""
+    params = dict(row)
+    # Bound as SQLAlchemy binds these columns: JSON through psycopg's Json, times as naive UTC.
+    params["models"] = Json(row["models"])
+    params["now"] = _UTC_DATETIME.process_bind_param(row["created_at"], conn.dialect)
+    for position, step_id in enumerate(step_ids):
+        params[f"step_{position}"] = step_id
+    conn.execution_options(isolation_level="AUTOCOMMIT")  # undone when the connection goes back to the pool
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    try:
+        return bool(driver.execute(_POSTGRES_ACCEPT, params).rowcount)
+    except psycopg.Error as exc:
+        # As SQLAlchemy does for its own statements: a dead connection leaves the pool, and the
+        # error is raised as SQLAlchemy's (IntegrityError, OperationalError, ...).
+        if driver.broken:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(_POSTGRES_ACCEPT, params, exc, psycopg.Error, dialect=conn.dialect) from exc
+
+
+def _write_sqlite(conn: Connection, row: dict[str, Any], step_ids: list[str]) -> bool:
+    """Inside BEGIN IMMEDIATE; True if the pipeline and its steps were written."""
+    if not conn.execute(_SQLITE_PIPELINE, row).rowcount:
+        return False
+    now = row["created_at"]
+    conn.execute(
+        _SQLITE_STEPS,
+        [
+            dict(zip(_STEP_COLUMNS, (step_id, row["id"], position, kind, status, 0, now, now), strict=True))
+            for step_id, (position, kind, status) in zip(step_ids, _STEP_ROWS, strict=True)
+        ],
+    )
+    return True
+
+
+def _accept(rt: Runtime, row: dict[str, Any], step_ids: list[str], request: PipelineRequest) -> Accepted | None:
+    """Write the pipeline and its steps in one transaction (``None``), unless the key is taken:
+    then the pipeline that holds it."""
+    if rt.db.is_postgres:
+        with rt.db.engine.connect() as conn:
+            if _write_postgres(conn, row, step_ids):
+                return None
+            return _same_key(conn, request, row["request_hash"]) or _taken_and_gone(request)
+    with rt.db.engine.begin() as conn:  # BEGIN IMMEDIATE (storage/db.py)
+        if _write_sqlite(conn, row, step_ids):
+            return None
+        return _same_key(conn, request, row["request_hash"]) or _taken_and_gone(request)
+
+
 def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
     """Accept one validated request in one transaction. Returns at once; the pipeline runs on the
     workers. The same idempotency key returns the same pipeline; a different request under it is
     refused."""
     image_url = _input_image_url(rt, request)
-    profile = rt.catalog.profiles[request.profile]
-    pipeline_id = new_id("pl")
-    step_ids = [new_id("st") for _ in PIPELINE]
-    try:
-        with rt.db.transaction() as s:
-            found = _same_key(s, request)
-            if found is not None:
-                return found
-            s.add(
-                Pipeline(
-                    id=pipeline_id,
-                    user_id=request.user_id,
-                    feature=request.feature,
-                    profile=request.profile,
-                    description=request.description,
-                    image_ref=request.image_ref
-                    if request.image.url
-                    else f"inputs/{request.image.sha256}.{request.image.extension}",
-                    image_url=image_url,
-                    callback_url=request.callback_url,
-                    priority=request.priority,
-                    models=request.models,
-                    idempotency_key=request.idempotency_key,
-                    request_hash=request.fingerprint(),
-                    status=PipelineStatus.PENDING,
-                    estimated_cost_usd=rt.catalog.estimate(profile),
-                )
-            )
-            s.flush()
-            s.add_all(
-                [
-                    Step(
-                        id=step_id,
-                        pipeline_id=pipeline_id,
-                        position=position,
-                        kind=kind.value,
-                        status=StepStatus.QUEUED if position == 0 else StepStatus.PENDING,
-                    )
-                    for position, (step_id, (kind, _fn)) in enumerate(zip(step_ids, PIPELINE, strict=True))
-                ]
-            )
-    except IntegrityError:
-        # Another submit with the same key won the race: answer with its pipeline.
-        with rt.db.transaction() as s:
-            again = _same_key(s, request)
-        if again is None:
-            raise
-        return again
+    image = request.image
+    now = utcnow()
+    row: dict[str, Any] = {
+        "id": new_id("pl"),
+        "user_id": request.user_id,
+        "feature": request.feature,
+        "profile": request.profile,
+        "description": request.description,
+        "image_ref": request.image_ref if image.url else f"inputs/{image.sha256}.{image.extension}",
+        "image_url": image_url,
+        "callback_url": request.callback_url,
+        "priority": request.priority,
+        "models": request.models,
+        "idempotency_key": request.idempotency_key,
+        "request_hash": request.fingerprint(),
+        "status": PipelineStatus.PENDING.value,
+        "estimated_cost_usd": rt.catalog.estimate(rt.catalog.profiles[request.profile]),
+        "cost_usd": Decimal(0),
+        "created_at": now,
+        "updated_at": now,
+    }
+    step_ids = [new_id("st") for _ in _STEP_ROWS]
+    found = _accept(rt, row, step_ids, request)
+    if found is not None:
+        return found
     log.info(
         "pipeline_accepted",
-        pipeline_id=pipeline_id,
+        pipeline_id=row["id"],
         user_id=request.user_id,
         feature=request.feature,
         profile=request.profile,
     )
     apply_effects(rt, Effects(nudges=[(step_ids[0], queue_for(PIPELINE[0][0], request.priority))]))
-    return Accepted(pipeline_id, True, PipelineStatus.PENDING.value)
+    return Accepted(row["id"], True, PipelineStatus.PENDING.value)

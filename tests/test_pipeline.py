@@ -6,22 +6,32 @@ in-memory broker, so nothing here sleeps and hopes."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, make_url, select
+from sqlalchemy.exc import OperationalError
 
+from config.clock import utcnow
 from config.constants import StepStatus
+from config.errors import IdempotencyConflict
+from config.settings import Settings
 from pipelines.api import Genline
 from pipelines.drain import drain
 from pipelines.engine import run_step
+from pipelines.request import validate_request
 from pipelines.runtime import Runtime
+from pipelines.submit import Accepted
 from provider.simulator import SimulatorHandle
-from storage.models import ProviderCall, ProviderJob, Step
+from storage.migrate import upgrade
+from storage.models import Pipeline, ProviderCall, ProviderJob, Step
 from tests.conftest import TEST_KEY
+from workers.chaos_faults import drop_pg_connections
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -209,3 +219,129 @@ def test_the_api_key_is_nowhere_in_the_database(rt: Runtime, request_fields: Req
     run_one(rt, request_fields())
     dump = "\n".join(rt.db.engine.raw_connection().iterdump())  # type: ignore[attr-defined]
     assert TEST_KEY not in dump
+
+
+# --- accepting a pipeline: the rows, the idempotency key, a race on it, on SQLite and PostgreSQL ----
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def submit_rt(request: pytest.FixtureRequest, make_settings: Callable[..., Settings]) -> Iterator[Runtime]:
+    """A drain-mode runtime on SQLite, and on PostgreSQL (integration: the one-statement path)."""
+    env = {"GENLINE_DATABASE_URL": request.getfixturevalue("pg_url")} if request.param == "postgres" else {}
+    settings = make_settings(**env)
+    upgrade(settings.database_url)
+    runtime = Runtime.from_settings(settings)
+    yield runtime
+    runtime.close()
+
+
+def test_a_submit_writes_the_pipeline_and_its_steps_as_the_models_define_them(
+    submit_rt: Runtime, request_fields: RequestFn
+) -> None:
+    rt = submit_rt
+    fields = request_fields(copy_model="claude-haiku", callback_url="https://hooks.example.com/done")
+    accepted = Genline(runtime=rt).submit(fields)
+    assert accepted.created and accepted.status == "pending"
+    request = validate_request(fields, rt.catalog)
+    with rt.db.transaction() as s:
+        p = s.get_one(Pipeline, accepted.pipeline_id)
+        steps = s.scalars(select(Step).where(Step.pipeline_id == p.id).order_by(Step.position)).all()
+    assert (p.user_id, p.feature, p.profile) == ("seller-1", "listing-video", "standard")
+    assert p.description == fields["description"]
+    assert p.image_ref == f"inputs/{request.image.sha256}.png" and p.image_url  # the uploaded file, stored
+    assert (p.callback_url, p.priority) == ("https://hooks.example.com/done", "interactive")
+    assert p.models == {"copy": "claude-haiku"}
+    assert (p.idempotency_key, p.request_hash) == (fields["idempotency_key"], request.fingerprint())
+    assert (p.status, p.error_code, p.error_message, p.finished_at) == ("pending", None, None, None)
+    assert p.estimated_cost_usd == rt.catalog.estimate(rt.catalog.profiles["standard"]) and p.cost_usd == 0
+    assert p.created_at == p.updated_at and p.created_at.tzinfo is not None
+    assert abs((utcnow() - p.created_at).total_seconds()) < 60
+    assert [(st.position, st.kind, st.status, st.attempts) for st in steps] == [
+        (0, "copy", "queued", 0),
+        (1, "image", "pending", 0),
+        (2, "video", "pending", 0),
+        (3, "store", "pending", 0),
+    ]
+    for st in steps:
+        assert (st.model, st.output, st.error_code, st.error_message) == (None, None, None, None)
+        assert (st.deadline_at, st.started_at, st.finished_at) == (None, None, None)
+        assert st.created_at == st.updated_at == p.created_at
+    assert list(rt.dispatcher.sent) == [(steps[0].id, "genline.copy")]  # type: ignore[attr-defined]
+
+
+def test_a_repeated_key_returns_the_same_pipeline_and_a_changed_request_is_refused(
+    submit_rt: Runtime, request_fields: RequestFn
+) -> None:
+    rt, api = submit_rt, Genline(runtime=submit_rt)
+    fields = request_fields(idempotency_key="order-7")
+    first = api.submit(fields)
+    again = api.submit(fields)
+    assert (again.pipeline_id, again.created, again.status) == (first.pipeline_id, False, "pending")
+    with pytest.raises(IdempotencyConflict) as info:
+        api.submit(request_fields(idempotency_key="order-7", description="A different product."))
+    assert (info.value.code, info.value.field) == ("idempotency_conflict", "idempotency_key")
+    assert first.pipeline_id in info.value.message
+    other_user = api.submit(request_fields(idempotency_key="order-7", user_id="seller-2"))  # keys are per user
+    assert other_user.created and other_user.pipeline_id != first.pipeline_id
+    assert _counts(rt) == (2, 8)
+    assert len(rt.dispatcher.sent) == 2  # type: ignore[attr-defined]
+
+
+def test_two_submits_with_one_key_at_once_both_get_the_one_pipeline(
+    submit_rt: Runtime, request_fields: RequestFn
+) -> None:
+    rt, api = submit_rt, Genline(runtime=submit_rt)
+    keys = [f"race-{i}" for i in range(8)]
+    results: dict[str, list[Accepted]] = {key: [] for key in keys}
+    errors: list[BaseException] = []
+    fields = {key: request_fields(idempotency_key=key) for key in keys}
+
+    def submit_all(barrier: threading.Barrier) -> None:
+        try:
+            for key in keys:
+                barrier.wait(timeout=30)
+                results[key].append(api.submit(fields[key]))
+        except BaseException as exc:  # noqa: BLE001  # reported by the test below
+            errors.append(exc)
+            barrier.abort()  # the other thread stops too, rather than wait out the timeout
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=submit_all, args=(barrier,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for key in keys:
+        a, b = results[key]
+        assert a.pipeline_id == b.pipeline_id and sorted([a.created, b.created]) == [False, True], key
+    assert _counts(rt) == (len(keys), 4 * len(keys))
+    assert len(rt.dispatcher.sent) == len(keys)  # type: ignore[attr-defined]  # one nudge per pipeline
+
+
+@pytest.mark.integration
+def test_a_submit_on_a_dropped_postgres_connection_fails_plainly_and_the_next_one_works(
+    pg_url: str, make_settings: Callable[..., Settings], request_fields: RequestFn
+) -> None:
+    settings = make_settings(GENLINE_DATABASE_URL=pg_url)
+    upgrade(pg_url)
+    rt = Runtime.from_settings(settings)
+    try:
+        api = Genline(runtime=rt)
+        api.submit(request_fields())  # a pooled connection now exists
+        assert drop_pg_connections(make_url(pg_url).database or "") >= 1
+        fields = request_fields()
+        with pytest.raises(OperationalError):  # SQLAlchemy's error, as from any other statement
+            api.submit(fields)
+        again = api.submit(fields)  # the dead connection left the pool
+        assert again.created
+        assert _counts(rt) == (2, 8)
+        assert len(rt.dispatcher.sent) == 2  # type: ignore[attr-defined]  # nothing nudged for the failure
+    finally:
+        rt.close()
+
+
+def _counts(rt: Runtime) -> tuple[int, int]:
+    with rt.db.transaction() as s:
+        return (
+            s.scalar(select(func.count()).select_from(Pipeline)) or 0,
+            s.scalar(select(func.count()).select_from(Step)) or 0,
+        )
