@@ -4,6 +4,15 @@ Waiting costs nothing: a job in flight is a row with a ``next_poll_at``. Each ro
 claims the due rows (a lease, with ``SKIP LOCKED`` on PostgreSQL, so several pollers never poll
 one job twice), reads their states concurrently through the gateway, and applies all answers in
 one transaction, audit rows included. Finished jobs move their pipelines on.
+
+The hot path is written for thousands of polls a second from one process (one interpreter lock
+shared by the HTTP reads, the claims and the writes), so the database side stays out of the ORM
+and costs a few microseconds of Python a job: on PostgreSQL the claim is one ``UPDATE …
+RETURNING`` (lease and audit context together), the routine answers (still pending or
+processing, or a failed read to retry) are one ``UPDATE … FROM unnest(arrays)`` and the audit rows
+go in by ``COPY``. Only the answers that end a job (completed, failed, cancelled, unknown to the
+provider: a few) load ORM objects and go through ``complete_step``/``fail_step``, in the same
+transaction. The reads go through the gateway on ``provider.poll_client.make_task_reader``'s reader.
 """
 
 from __future__ import annotations
@@ -13,31 +22,103 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+import psycopg
+from sqlalchemy import Integer, String, Table, bindparam, func, select, update
+from sqlalchemy.orm import Session
 
 from config.clock import utcnow
 from config.constants import PIPELINE_TERMINAL, JobStatus
 from config.errors import AccountError, ProviderError, ProviderNotFound
 from config.logging import get_logger
-from pipelines.audit import write_audit
+from pipelines.audit import audit_row, write_audit
 from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
 from pipelines.wakeup import Doorbell
-from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader, gather_limited
-from provider.poll_client import AiohttpTaskReader
+from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader
+from provider.poll_client import make_task_reader
 from provider.wire import TaskState
-from storage.models import Pipeline, ProviderJob, Step
+from storage.models import Pipeline, ProviderJob, Step, UTCDateTime
 
 log = get_logger("genline.poller")
 POLLED = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
+ENDED = frozenset({JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
+LATENESS_KEEP = 200_000  # samples of lateness kept in memory (the benchmark reads them)
 
 
-@dataclass(frozen=True)
+class LeaseLost(Exception):  # noqa: N818  # not an error: a job skipped
+    """The answer for a claimed job that was not read: its claim was held past half its lease."""
+
+
+LEASE_LOST = LeaseLost("claim held past half its lease; left to the next claim")
+_POLLED_SQL = ", ".join(f"'{s}'" for s in POLLED)  # constants, not input
+_JOBS = cast(Table, ProviderJob.__table__)
+_STEPS = cast(Table, Step.__table__)
+_PIPELINES = cast(Table, Pipeline.__table__)
+
+# PostgreSQL: lease the due jobs and read what their polls need, audit context included, in one
+# statement. Times come back as epoch seconds (the columns hold naive UTC). Written in psycopg's
+# parameter style: the hot statements go to the driver as they are (``exec_driver_sql``).
+_CLAIM_PG = f"""
+    WITH due AS (
+        SELECT id FROM provider_jobs
+        WHERE status IN ({_POLLED_SQL}) AND next_poll_at <= %(now)s
+          AND (lease_until IS NULL OR lease_until < %(now)s)
+        ORDER BY next_poll_at
+        LIMIT %(n)s
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE provider_jobs AS j SET lease_until = %(lease)s
+    FROM due, steps AS st, pipelines AS p
+    WHERE j.id = due.id AND st.id = j.step_id AND p.id = st.pipeline_id
+    RETURNING j.id, j.task_id, j.kind, j.step_id, j.model, j.units, j.estimated_time_s,
+        CAST(EXTRACT(EPOCH FROM j.submitted_at) AS float8), CAST(EXTRACT(EPOCH FROM j.next_poll_at) AS float8),
+        j.polls, p.user_id, p.feature, p.id
+"""
+
+# PostgreSQL: every routine answer of a round in one statement. NULL keeps the column as it is;
+# a job whose status changed meanwhile (cancelled, say) is left alone. The columns other than the
+# ids travel as comma-separated text (statuses are JobStatus words, the rest numbers; '' is NULL):
+# joining strings costs ~0.06 µs a value where psycopg's list dumper costs ~0.4.
+_ROUTINE_PG = f"""
+    UPDATE provider_jobs AS j SET
+        lease_until = NULL,
+        polls = j.polls + 1,
+        status = COALESCE(v.status, j.status),
+        progress = COALESCE(v.progress, j.progress),
+        estimated_time_s = COALESCE(v.estimated_time_s, j.estimated_time_s),
+        next_poll_at = to_timestamp(v.next_s) AT TIME ZONE 'UTC'
+    FROM unnest(
+        CAST(%(ids)s AS text[]),
+        string_to_array(%(statuses)s, ',', ''),
+        CAST(string_to_array(%(progress)s, ',', '') AS integer[]),
+        CAST(string_to_array(%(estimates)s, ',', '') AS integer[]),
+        CAST(string_to_array(%(next_s)s, ',') AS float8[])
+    ) AS v(id, status, progress, estimated_time_s, next_s)
+    WHERE j.id = v.id AND j.status IN ({_POLLED_SQL})
+"""
+
+# Elsewhere (SQLite): the same update, one parameter set per job.
+_ROUTINE_ANY = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(POLLED))
+    .values(
+        lease_until=None,
+        polls=_JOBS.c.polls + 1,
+        status=func.coalesce(bindparam("b_status", type_=String()), _JOBS.c.status),
+        progress=func.coalesce(bindparam("b_progress", type_=Integer()), _JOBS.c.progress),
+        estimated_time_s=func.coalesce(bindparam("b_estimate", type_=Integer()), _JOBS.c.estimated_time_s),
+        next_poll_at=bindparam("b_next", type_=UTCDateTime()),
+    )
+)
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more to make, per job and round
 class Claimed:
     job_id: str
     task_id: str
@@ -46,8 +127,33 @@ class Claimed:
     ctx: CallContext
     units: float
     estimated_time_s: int | None
-    submitted_at: datetime | None
-    due_at: datetime
+    submitted_s: float | None  # epoch seconds
+    due_s: float  # epoch seconds: when this poll was due
+    polls: int  # polls before this one
+    lease_deadline: float  # time.monotonic() after which this claim is no longer trusted
+
+
+@dataclass(slots=True)
+class Sorted:
+    """A round's answers, sorted: the routine ones as columns for one bulk update (NULL: keep
+    the column), and those that end a job."""
+
+    ids: list[str] = field(default_factory=list)
+    statuses: list[str | None] = field(default_factory=list)
+    progress: list[int | None] = field(default_factory=list)
+    estimates: list[int | None] = field(default_factory=list)
+    next_s: list[float] = field(default_factory=list)
+    ended: list[tuple[Claimed, TaskState | BaseException]] = field(default_factory=list)
+
+    def routine_params(self) -> dict[str, Any]:
+        """``_ROUTINE_PG``'s parameters."""
+        return {
+            "ids": self.ids,
+            "statuses": ",".join(["" if s is None else s for s in self.statuses]),
+            "progress": ",".join(["" if p is None else str(p) for p in self.progress]),
+            "estimates": ",".join(["" if e is None else str(e) for e in self.estimates]),
+            "next_s": ",".join(map(repr, self.next_s)),
+        }
 
 
 def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> float:
@@ -64,6 +170,22 @@ def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> fl
     return interval
 
 
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _naive(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _audit_rows(records: list[CallRecord]) -> tuple[str, list[tuple[Any, ...]]]:
+    """``write_audit``'s rows as the column list and value tuples of a ``COPY``."""
+    rows = [audit_row(r) for r in records]
+    for row in rows:
+        row["ts"] = _naive(row["ts"])  # naive UTC, as UTCDateTime stores it
+    return ", ".join(rows[0]), [tuple(row.values()) for row in rows]
+
+
 class Poller:
     def __init__(self, rt: Runtime, *, client: TaskReader | None = None) -> None:
         self.rt = rt
@@ -72,100 +194,276 @@ class Poller:
         self._client = client
         self.gateway: Gateway | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self.lateness_s: list[float] = []  # due → applied, for the benchmark
+        # due → applied, per poll, for the benchmark: the latest LATENESS_KEEP samples, and how
+        # many older ones were dropped (so ``lateness_dropped + len(lateness_s)`` only grows).
+        self.lateness_s: list[float] = []
+        self.lateness_dropped = 0
 
     async def _gateway(self) -> Gateway:
         if self.gateway is None:
-            client = self._client or AiohttpTaskReader(self.settings, max_connections=self.settings.poller_concurrency)
+            client = self._client or make_task_reader(self.settings, max_connections=self.settings.poller_concurrency)
             self.gateway = Gateway(self.rt.catalog, self.audit, async_client=client, retry=self.rt.retry_policy)
         return self.gateway
 
     # --- claim ---------------------------------------------------------------------------------
     def claim(self) -> list[Claimed]:
+        """Lease up to ``poller_batch`` due jobs; they come back earliest due first."""
+        limit = self.settings.poller_batch
+        deadline = time.monotonic() + self.settings.lease_s / 2  # half the lease: room to write
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.lease_s)
         with self.rt.db.transaction() as s:
-            due = (
-                select(ProviderJob.id)
-                .where(
-                    ProviderJob.status.in_(POLLED),
-                    ProviderJob.next_poll_at <= now,
-                    (ProviderJob.lease_until.is_(None)) | (ProviderJob.lease_until < now),
-                )
-                .order_by(ProviderJob.next_poll_at)
-                .limit(self.settings.poller_batch)
-            )
             if self.rt.db.is_postgres:
-                due = due.with_for_update(skip_locked=True)
-            ids = list(s.scalars(due))
-            if not ids:
-                return []
-            s.execute(update(ProviderJob).where(ProviderJob.id.in_(ids)).values(lease_until=lease))
-            rows = s.execute(
-                select(ProviderJob, Pipeline.user_id, Pipeline.feature, Pipeline.id)
-                .join(Step, Step.id == ProviderJob.step_id)
-                .join(Pipeline, Pipeline.id == Step.pipeline_id)
-                .where(ProviderJob.id.in_(ids))
-            ).all()
-            return [
-                Claimed(
-                    job_id=job.id,
-                    task_id=job.task_id or "",
-                    kind=job.kind,
-                    step_id=job.step_id,
-                    ctx=CallContext(user_id, feature, pipeline_id, job.step_id, job.model),
-                    units=job.units,
-                    estimated_time_s=job.estimated_time_s,
-                    submitted_at=job.submitted_at,
-                    due_at=job.next_poll_at or now,
-                )
-                for job, user_id, feature, pipeline_id in rows
-            ]
+                params = {"now": _naive(now), "lease": _naive(lease), "n": limit}
+                rows: Sequence[Any] = s.connection().exec_driver_sql(_CLAIM_PG, params).all()
+            else:
+                rows = self._claim_simple(s, now, lease, limit)
+        return self._claimed(rows, now, deadline)
+
+    @staticmethod
+    def _claimed(rows: Sequence[Any], now: datetime, deadline: float) -> list[Claimed]:
+        fallback = now.timestamp()
+        claimed = [
+            Claimed(
+                job_id,
+                task_id or "",
+                kind,
+                step_id,
+                CallContext(user_id, feature, pipeline_id, step_id, model),
+                units,
+                estimated,
+                submitted_s,
+                fallback if due_s is None else due_s,
+                polls,
+                deadline,
+            )
+            for (
+                job_id,
+                task_id,
+                kind,
+                step_id,
+                model,
+                units,
+                estimated,
+                submitted_s,
+                due_s,
+                polls,
+                user_id,
+                feature,
+                pipeline_id,
+            ) in rows
+        ]
+        claimed.sort(key=lambda c: c.due_s)
+        return claimed
+
+    def _claim_simple(self, s: Session, now: datetime, lease: datetime, limit: int) -> Sequence[Any]:
+        """SQLite: no SKIP LOCKED and no RETURNING from a join, but ``BEGIN IMMEDIATE`` makes the
+        transaction the only writer, so a select, an update and a select are as good."""
+        jobs = _JOBS.c
+        due = (
+            select(jobs.id)
+            .where(
+                jobs.status.in_(POLLED),
+                jobs.next_poll_at <= now,
+                (jobs.lease_until.is_(None)) | (jobs.lease_until < now),
+            )
+            .order_by(jobs.next_poll_at)
+            .limit(limit)
+        )
+        ids = list(s.scalars(due))
+        if not ids:
+            return []
+        s.execute(update(_JOBS).where(jobs.id.in_(ids)).values(lease_until=lease))
+        rows = s.execute(
+            select(
+                jobs.id,
+                jobs.task_id,
+                jobs.kind,
+                jobs.step_id,
+                jobs.model,
+                jobs.units,
+                jobs.estimated_time_s,
+                jobs.submitted_at,
+                jobs.next_poll_at,
+                jobs.polls,
+                _PIPELINES.c.user_id,
+                _PIPELINES.c.feature,
+                _PIPELINES.c.id,
+            )
+            .join(_STEPS, _STEPS.c.id == jobs.step_id)
+            .join(_PIPELINES, _PIPELINES.c.id == _STEPS.c.pipeline_id)
+            .where(jobs.id.in_(ids))
+        ).all()
+        return [(*r[:7], _epoch(r[7]), _epoch(r[8]), *r[9:]) for r in rows]
 
     def seconds_to_next_due(self) -> float:
-        """How long until the earliest job is due (an idle poller sleeps just that long)."""
+        """How long until the earliest job not leased is due (an idle poller sleeps just that long;
+        the leased ones are being polled, and their answers move them on)."""
+        now = utcnow()
         with self.rt.db.transaction() as s:
-            due = s.scalar(select(func.min(ProviderJob.next_poll_at)).where(ProviderJob.status.in_(POLLED)))
-        return float("inf") if due is None else (due - utcnow()).total_seconds()
+            due = s.scalar(
+                select(func.min(ProviderJob.next_poll_at)).where(
+                    ProviderJob.status.in_(POLLED),
+                    (ProviderJob.lease_until.is_(None)) | (ProviderJob.lease_until < now),
+                )
+            )
+        return float("inf") if due is None else (due - now).total_seconds()
 
     # --- poll ----------------------------------------------------------------------------------
     async def poll(self, claimed: list[Claimed]) -> list[TaskState | BaseException]:
+        """Read every claimed job's state through the gateway, at most ``poller_concurrency`` at
+        once, in the order given (earliest due first); a fixed set of readers walks the list (no
+        task or semaphore per poll). A failed read is returned, not raised. A claim held past
+        half its lease (a provider slow enough to hold a round that long) is not read: its
+        answer is a ``LeaseLost`` and the job is left to the next claim."""
         gateway = await self._gateway()
-        return await gather_limited(
-            self.settings.poller_concurrency, [gateway.poll(c.ctx, c.task_id, units=c.units) for c in claimed]
-        )
+        answers: list[TaskState | BaseException] = [LEASE_LOST] * len(claimed)
+        work = iter(enumerate(claimed))
+        monotonic = time.monotonic
+
+        async def reader() -> None:
+            for i, c in work:
+                if monotonic() > c.lease_deadline:
+                    continue
+                try:
+                    answers[i] = await gateway.poll(c.ctx, c.task_id, units=c.units)
+                except Exception as exc:  # noqa: BLE001  # an answer like any other: _on_error decides
+                    answers[i] = exc
+
+        readers = min(self.settings.poller_concurrency, len(claimed))
+        if readers == 1:
+            await reader()
+        elif readers:
+            await asyncio.gather(*(reader() for _ in range(readers)))
+        return answers
 
     # --- apply ---------------------------------------------------------------------------------
+    def sort_answers(self, claimed: list[Claimed], answers: list[TaskState | BaseException], now_s: float) -> Sorted:
+        """What each answer does to its job: routine (the next poll's time, and the status,
+        progress and estimate the provider gave) or an ending. Failed reads are routine: the
+        job is read again later (``_retry_delay``), except one the provider no longer knows."""
+        interval = self.settings.poll_interval_s
+        out = Sorted()
+        for c, answer in zip(claimed, answers, strict=True):
+            if isinstance(answer, TaskState):
+                if answer.status in ENDED:
+                    out.ended.append((c, answer))
+                    continue
+                if not answer.known_status:
+                    log.warning("unknown_job_status", task_id=c.task_id, status=answer.status)
+                estimate = answer.estimated_time_s or None
+                elapsed = now_s - c.submitted_s if c.submitted_s is not None else 0.0
+                out.ids.append(c.job_id)
+                out.statuses.append(answer.status if answer.known_status else None)
+                out.progress.append(answer.progress)
+                out.estimates.append(estimate)
+                out.next_s.append(now_s + next_delay(interval, elapsed, estimate or c.estimated_time_s))
+            elif answer is LEASE_LOST:
+                continue
+            elif isinstance(answer, ProviderNotFound):
+                out.ended.append((c, answer))
+            else:
+                out.ids.append(c.job_id)
+                out.statuses.append(None)
+                out.progress.append(None)
+                out.estimates.append(None)
+                out.next_s.append(now_s + self._retry_delay(c.task_id, c.polls + 1, answer))
+        return out
+
     def apply(
         self, claimed: list[Claimed], answers: list[TaskState | BaseException], records: list[CallRecord] | None = None
     ) -> Effects:
-        """All answers of a round in one transaction: one SELECT for the jobs, updates flushed
-        together at commit, the audit rows inserted in bulk; steps are loaded only for the jobs
-        that finished."""
+        """All answers of a round in one transaction: the audit rows in bulk, the routine answers
+        in one statement, and ORM objects (steps, pipelines) only for the jobs that ended."""
         effects = Effects()
-        now = utcnow()
+        now_s = time.time()
+        todo = self.sort_answers(claimed, answers, now_s)
         with self.rt.db.transaction() as s, s.no_autoflush:
-            write_audit(s, self.audit.drain() if records is None else records)
-            jobs = {
-                j.id: j for j in s.scalars(select(ProviderJob).where(ProviderJob.id.in_([c.job_id for c in claimed])))
-            }
-            for c, answer in zip(claimed, answers, strict=True):
-                job = jobs.get(c.job_id)
-                if job is None or job.status not in POLLED:
-                    continue
-                job.lease_until = None
-                job.polls += 1
-                elapsed = (now - c.submitted_at).total_seconds() if c.submitted_at else 0.0
-                if isinstance(answer, BaseException):
-                    effects.merge(self._on_error(s, c, job, answer, now))
-                    continue
-                effects.merge(self._on_state(s, c, job, answer, now, elapsed))
-        done = time.time()
-        self.lateness_s.extend(done - c.due_at.timestamp() for c in claimed)
+            self._write_audit(s, self.audit.drain() if records is None else records)
+            if todo.ids:
+                self._write_routine(s, todo)
+            if todo.ended:
+                effects = self._apply_ended(s, todo.ended, now_s)
+        self._record_lateness(claimed, answers)
         return effects
 
-    def _on_error(self, s: Any, c: Claimed, job: ProviderJob, err: BaseException, now: datetime) -> Effects:
+    def _record_lateness(self, claimed: list[Claimed], answers: list[TaskState | BaseException]) -> None:
+        done = time.time()
+        self.lateness_s.extend([done - c.due_s for c, a in zip(claimed, answers, strict=True) if a is not LEASE_LOST])
+        if len(self.lateness_s) > LATENESS_KEEP:
+            drop = len(self.lateness_s) - LATENESS_KEEP // 2
+            del self.lateness_s[:drop]
+            self.lateness_dropped += drop
+
+    def _write_audit(self, s: Session, records: list[CallRecord]) -> None:
+        """One ``provider_calls`` row per call, as ``write_audit`` writes them (by ``COPY`` on
+        PostgreSQL: a fifth of the Python an INSERT's parameters cost)."""
+        if not records:
+            return
+        if not self.rt.db.is_postgres:
+            write_audit(s, records)
+            return
+        columns, rows = _audit_rows(records)
+        driver = cast(psycopg.Connection[Any], s.connection().connection.driver_connection)
+        with driver.cursor() as cursor, cursor.copy(f"COPY provider_calls ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _write_routine(self, s: Session, todo: Sorted) -> None:
+        if self.rt.db.is_postgres:
+            s.connection().exec_driver_sql(_ROUTINE_PG, todo.routine_params())
+            return
+        s.connection().execute(
+            _ROUTINE_ANY,
+            [
+                {
+                    "b_id": job_id,
+                    "b_status": status,
+                    "b_progress": progress,
+                    "b_estimate": estimate,
+                    "b_next": datetime.fromtimestamp(next_s, UTC),
+                }
+                for job_id, status, progress, estimate, next_s in zip(
+                    todo.ids, todo.statuses, todo.progress, todo.estimates, todo.next_s, strict=True
+                )
+            ],
+        )
+
+    def _apply_ended(self, s: Session, ended: list[tuple[Claimed, TaskState | BaseException]], now_s: float) -> Effects:
+        """The answers that end a job, through the ORM and the engine's transitions. The rows are
+        locked first on PostgreSQL, so a cancel committed meanwhile is seen, not overwritten."""
+        effects = Effects()
+        now = datetime.fromtimestamp(now_s, UTC)
+        query = select(ProviderJob).where(ProviderJob.id.in_([c.job_id for c, _ in ended]))
+        if self.rt.db.is_postgres:
+            query = query.with_for_update()
+        jobs = {j.id: j for j in s.scalars(query)}
+        for c, answer in ended:
+            job = jobs.get(c.job_id)
+            if job is None or job.status not in POLLED:
+                continue
+            job.lease_until = None
+            job.polls += 1
+            if isinstance(answer, BaseException):
+                effects.merge(self._on_error(s, c, job, answer, now))
+            else:
+                elapsed = now_s - c.submitted_s if c.submitted_s is not None else 0.0
+                effects.merge(self._on_state(s, c, job, answer, now, elapsed))
+        return effects
+
+    def _retry_delay(self, task_id: str, polls: int, err: BaseException) -> float:
+        """Seconds until a job whose read failed is read again (``polls`` counts this one)."""
         interval = self.settings.poll_interval_s
+        if isinstance(err, AccountError):
+            log.error("provider_account_problem", code=err.code, task_id=task_id)
+            return max(30.0, interval)
+        code = err.code if isinstance(err, ProviderError) else type(err).__name__
+        if not isinstance(err, ProviderError):
+            log.error("poll_crashed", task_id=task_id, error=repr(err))
+        log.info("poll_failed_will_retry", task_id=task_id, code=code)
+        return min(60.0, interval * float(2 ** min(polls % 6, 5)))
+
+    def _on_error(self, s: Any, c: Claimed, job: ProviderJob, err: BaseException, now: datetime) -> Effects:
         if isinstance(err, ProviderNotFound):
             job.status = JobStatus.FAILED
             job.error_code, job.error_message = err.code, err.message
@@ -175,15 +473,7 @@ class Poller:
                 err.code,
                 "the provider no longer knows this job, so its result cannot be fetched.",
             )
-        if isinstance(err, AccountError):
-            log.error("provider_account_problem", code=err.code, task_id=c.task_id)
-            job.next_poll_at = now + timedelta(seconds=max(30.0, interval))
-            return Effects()
-        code = err.code if isinstance(err, ProviderError) else type(err).__name__
-        if not isinstance(err, ProviderError):
-            log.error("poll_crashed", task_id=c.task_id, error=repr(err))
-        job.next_poll_at = now + timedelta(seconds=min(60.0, interval * 2 ** min(job.polls % 6, 5)))
-        log.info("poll_failed_will_retry", task_id=c.task_id, code=code)
+        job.next_poll_at = now + timedelta(seconds=self._retry_delay(c.task_id, job.polls, err))
         return Effects()
 
     def _on_state(
@@ -212,6 +502,7 @@ class Poller:
             reason = state.error_message or f"the job ended {state.status}"
             step = s.get_one(Step, c.step_id)
             return fail_step(s, step, "provider_job_failed", f"the provider could not make the {c.kind}: {reason}")
+        # Not an ending (only reached if a caller hands one in): the routine update, one job.
         if not state.known_status:
             log.warning("unknown_job_status", task_id=c.task_id, status=state.status)
         else:
@@ -226,6 +517,7 @@ class Poller:
 
     # --- loop ----------------------------------------------------------------------------------
     async def run_once(self) -> int:
+        """One round, start to end: claim, poll, apply (drain mode and tests)."""
         claimed = await asyncio.to_thread(self.claim)
         if not claimed:
             return 0
