@@ -1,14 +1,25 @@
-"""The audit log's writer: gateway call records become ``provider_calls`` rows."""
+"""The audit log's writer: gateway call records become ``provider_calls`` rows.
+
+A call is audited even when the step that made it rolls back: ``DatabaseAuditSink`` writes each
+record in a transaction of its own. The one exception saves a commit per call on the hot path: a
+step may *hold* the records of its successful calls (``DatabaseAuditSink.holding``) and commit them
+with the transaction that acts on the answer — the chat's with the step's completion, a submit's
+with its task_id. Whatever is still held when the hold ends (the step raised, or that transaction
+rolled back) is written on its own then, as before. Failed calls are never held: they are written
+at once, because a retry's backoff may follow them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
-from provider.gateway import CallRecord
+from provider.gateway import AuditSink, CallRecord
 from storage.db import Database
 from storage.models import ProviderCall
 
@@ -33,19 +44,81 @@ def audit_row(rec: CallRecord) -> dict[str, Any]:
     }
 
 
+_INSERT_CALL = insert(cast(Table, ProviderCall.__table__))
+
+
 def write_audit(session: Session, records: Iterable[CallRecord]) -> None:
+    """Insert the records' rows in the session's transaction (a Core insert, built once)."""
     rows = [audit_row(r) for r in records]
     if rows:
-        session.execute(insert(ProviderCall), rows)
+        session.connection().execute(_INSERT_CALL, rows)
+
+
+class AuditHold:
+    """Records of successful calls waiting to be committed with the transaction that uses them."""
+
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    @contextmanager
+    def committed_with(self) -> Iterator[list[CallRecord]]:
+        """Wrap the ``with rt.db.transaction()`` block that writes the yielded records (enter this
+        first, so it exits after the commit): they leave the hold only once that block, commit
+        included, has succeeded. If it raises, they stay held and the hold writes them on its own."""
+        taken = list(self.records)
+        yield taken
+        del self.records[: len(taken)]
 
 
 class DatabaseAuditSink:
     """Writes each record at once, in its own transaction, so a call is audited even when the
-    step that made it rolls back."""
+    step that made it rolls back; inside ``holding()``, successful calls' records are held for
+    the step to commit with its own next transaction (and written here if it does not)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._local = threading.local()
 
     def record(self, record: CallRecord) -> None:
+        hold: AuditHold | None = getattr(self._local, "hold", None)
+        if hold is not None and record.error_code is None:
+            hold.records.append(record)
+            return
+        self.write([record])
+
+    def write(self, records: list[CallRecord]) -> None:
         with self.db.transaction() as session:
-            write_audit(session, [record])
+            write_audit(session, records)
+
+    @contextmanager
+    def holding(self) -> Iterator[AuditHold]:
+        hold, outer = AuditHold(), getattr(self._local, "hold", None)
+        self._local.hold = hold
+        try:
+            yield hold
+        finally:
+            self._local.hold = outer
+            if hold.records:  # not committed with the step: on their own, as any other record
+                self.write(hold.records)
+                hold.records.clear()
+
+    def current(self) -> AuditHold | None:
+        hold: AuditHold | None = getattr(self._local, "hold", None)
+        return hold
+
+
+@contextmanager
+def holding(sink: AuditSink) -> Iterator[AuditHold]:
+    """Hold ``sink``'s successful records while the block runs, if it can hold them; a sink that
+    cannot (the poller's memory sink, a test's) keeps writing as it does, and the hold stays empty."""
+    if isinstance(sink, DatabaseAuditSink):
+        with sink.holding() as hold:
+            yield hold
+    else:
+        yield AuditHold()
+
+
+def current_hold(sink: AuditSink) -> AuditHold:
+    """The hold in force in this thread (an empty one when there is none)."""
+    hold = sink.current() if isinstance(sink, DatabaseAuditSink) else None
+    return hold if hold is not None else AuditHold()

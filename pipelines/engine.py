@@ -3,17 +3,27 @@
 Every transition happens inside one database transaction and is safe to repeat: a task that runs
 twice, late, or on another machine re-reads the rows and does nothing a second time. Messages to
 the broker are sent only after the transaction that justifies them has committed.
+
+A worker's step costs two transactions on its usual path: the claim (one SELECT of the pipeline
+and its steps, then a conditional UPDATE that only one worker can win, plus the step's prepare
+hook) and the completion (the held audit row and the step's own rows, the step, then the next
+step or the pipeline, each a conditional UPDATE). The claim's conditions are what a row lock used
+to guard: ``status = 'queued'`` (and the attempts and ``updated_at`` read) in the UPDATE means a
+redelivered or concurrent message, or one that read the step before another worker had it, finds
+nothing to do; completion UPDATEs never overwrite a finished step or a
+pipeline that ended (cancelled, failed) meanwhile.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, exists, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -21,12 +31,20 @@ from config.clock import utcnow
 from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepKind, StepStatus
 from config.errors import ConfigError, GenlineError, ProviderError
 from config.logging import get_logger
+from pipelines.audit import AuditHold, holding, write_audit
 from pipelines.dispatch import queue_for
 from pipelines.runtime import Runtime
-from pipelines.steps import STEP_FUNCTIONS, Done, StepContext
-from storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from pipelines.steps import PREPARE, STEP_FUNCTIONS, Done, StepContext
+from storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 
 log = get_logger("genline.engine")
+STEPS = cast(Table, Step.__table__)
+PIPELINES = cast(Table, Pipeline.__table__)
+CALLS = cast(Table, ProviderCall.__table__)
+JOBS = cast(Table, ProviderJob.__table__)
+STORED = cast(Table, StoredObject.__table__)
+_ENDED_PIPELINE = [str(x) for x in PIPELINE_TERMINAL]
+_ENDED_STEP = [str(x) for x in STEP_TERMINAL]
 
 
 @dataclass
@@ -34,7 +52,7 @@ class Effects:
     """What to do once the transaction has committed."""
 
     nudges: list[tuple[str, str]] = field(default_factory=list)  # (step_id, queue)
-    finished: list[str] = field(default_factory=list)  # pipeline ids that reached an end
+    finished: list[str] = field(default_factory=list)  # pipeline ids that reached an end with a callback_url
 
     def merge(self, other: Effects) -> None:
         self.nudges.extend(other.nudges)
@@ -53,6 +71,8 @@ def apply_effects(rt: Runtime, effects: Effects) -> None:
 
 # --- transitions (called inside a transaction) -----------------------------------------------------
 def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
+    """Finish ``step`` with ``output`` (ORM objects; the poller's path) and queue the next step,
+    or end the pipeline. The next step and the image's links come from one load of the siblings."""
     effects = Effects()
     if step.status in STEP_TERMINAL:
         return effects
@@ -62,28 +82,37 @@ def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
     step.finished_at = now
     step.error_code = step.error_message = None
     pipeline = step.pipeline
-    nxt = s.scalars(select(Step).where(Step.pipeline_id == pipeline.id, Step.position == step.position + 1)).first()
     if pipeline.status in PIPELINE_TERMINAL:
         return effects
+    siblings = pipeline.steps
+    nxt = next((x for x in siblings if x.position == step.position + 1), None)
     if nxt is not None:
         if nxt.status == StepStatus.PENDING:
-            nxt.deadline_at = min_expiry(s, pipeline.id, output)
+            image = next((x.output for x in siblings if x.kind == StepKind.IMAGE), None)
+            nxt.deadline_at = earliest_expiry(output, image)
             nxt.status = StepStatus.QUEUED
             effects.nudges.append((nxt.id, queue_for(nxt.kind, pipeline.priority)))
         return effects
     pipeline.status = PipelineStatus.SUCCEEDED
     pipeline.finished_at = now
     pipeline.cost_usd = pipeline_cost(s, pipeline.id)
-    effects.finished.append(pipeline.id)
+    if pipeline.callback_url:
+        effects.finished.append(pipeline.id)
     return effects
 
 
-def min_expiry(s: Session, pipeline_id: str, output: dict[str, Any]) -> datetime | None:
-    """The earliest expiry among the provider links the rest of the pipeline still has to copy."""
-    times = [datetime.fromisoformat(a["expires_at"]) for a in output.get("assets", []) if a.get("expires_at")]
-    earlier = s.scalars(select(Step.output).where(Step.pipeline_id == pipeline_id, Step.kind == "image")).first()
-    times += [datetime.fromisoformat(a["expires_at"]) for a in (earlier or {}).get("assets", []) if a.get("expires_at")]
+def earliest_expiry(output: dict[str, Any], image_output: dict[str, Any] | None) -> datetime | None:
+    """The earliest expiry among the provider links the rest of the pipeline still has to copy:
+    this step's and the image step's."""
+    assets = list(output.get("assets", [])) + list((image_output or {}).get("assets", []))
+    times = [datetime.fromisoformat(a["expires_at"]) for a in assets if a.get("expires_at")]
     return min(times) if times else None
+
+
+def min_expiry(s: Session, pipeline_id: str, output: dict[str, Any]) -> datetime | None:
+    """``earliest_expiry``, reading the image step's output from the database."""
+    earlier = s.scalars(select(Step.output).where(Step.pipeline_id == pipeline_id, Step.kind == "image")).first()
+    return earliest_expiry(output, earlier)
 
 
 def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
@@ -112,7 +141,8 @@ def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
     pipeline.error_message = f"The {step.kind} step failed: {message}"
     pipeline.finished_at = now
     pipeline.cost_usd = pipeline_cost(s, pipeline.id)
-    effects.finished.append(pipeline.id)
+    if pipeline.callback_url:
+        effects.finished.append(pipeline.id)
     return effects
 
 
@@ -125,71 +155,247 @@ def pipeline_cost(s: Session, pipeline_id: str) -> Decimal:
 
 
 # --- running a step --------------------------------------------------------------------------------
-def _most_urgent_copy(s: Session, rt: Runtime, nudged: Step) -> Step:
-    """Copies run earliest-deadline first: a nudge for any copy step runs the most urgent one
-    that is waiting (every copy step has its own nudge, so none is left behind)."""
-    query = (
-        select(Step)
-        .where(Step.kind == StepKind.STORE, Step.status == StepStatus.QUEUED)
-        .order_by(Step.deadline_at.is_(None), Step.deadline_at)
-        .limit(1)
+@dataclass(frozen=True)
+class Claim:
+    """A step this worker has claimed, with what its completion needs from the claiming read."""
+
+    ctx: StepContext
+    next_step_id: str | None
+    next_kind: str | None
+    priority: str
+    callback_url: str | None
+
+
+_CLAIM_COLUMNS = (
+    STEPS.c.id,
+    STEPS.c.position,
+    STEPS.c.kind,
+    STEPS.c.status,
+    STEPS.c.attempts,
+    STEPS.c.output,
+    STEPS.c.deadline_at,
+    STEPS.c.started_at,
+    STEPS.c.updated_at,
+    # Rows an earlier run of the step left behind (its provider jobs, its stored objects): when
+    # there are none, as on every first run, the prepare hook has nothing to read.
+    (
+        select(func.count()).where(JOBS.c.step_id == STEPS.c.id).scalar_subquery()
+        + select(func.count()).where(STORED.c.step_id == STEPS.c.id).scalar_subquery()
+    ).label("left_behind"),
+    PIPELINES.c.id.label("pipeline_id"),
+    PIPELINES.c.status.label("pipeline_status"),
+    PIPELINES.c.user_id,
+    PIPELINES.c.feature,
+    PIPELINES.c.profile,
+    PIPELINES.c.description,
+    PIPELINES.c.image_url,
+    PIPELINES.c.image_ref,
+    PIPELINES.c.models,
+    PIPELINES.c.priority,
+    PIPELINES.c.callback_url,
+)
+
+
+# The step path's statements, built once (building and cache-keying a statement per call was a
+# third of the step's CPU); each is executed with its parameters.
+_of_step = select(STEPS.c.pipeline_id).where(STEPS.c.id == bindparam("step_id")).scalar_subquery()
+_PIPELINE_ROWS = (
+    select(*_CLAIM_COLUMNS)
+    .join_from(STEPS, PIPELINES, PIPELINES.c.id == STEPS.c.pipeline_id)
+    .where(STEPS.c.pipeline_id == _of_step)
+    .order_by(STEPS.c.position)
+)
+_URGENT_COPY = (
+    select(STEPS.c.id)
+    .where(STEPS.c.kind == StepKind.STORE.value, STEPS.c.status == StepStatus.QUEUED.value)
+    .order_by(STEPS.c.deadline_at.is_(None), STEPS.c.deadline_at)
+    .limit(1)
+)
+_URGENT_COPY_LOCKED = _URGENT_COPY.with_for_update(skip_locked=True)
+_CANCEL_QUEUED = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("b_id"), STEPS.c.status == StepStatus.QUEUED.value)
+    .values(status=StepStatus.CANCELLED.value, updated_at=bindparam("b_now"))
+)
+_PIPELINE_RUNNING = (
+    update(PIPELINES)
+    .where(PIPELINES.c.id == bindparam("b_id"), PIPELINES.c.status == PipelineStatus.PENDING.value)
+    .values(status=PipelineStatus.RUNNING.value, updated_at=bindparam("b_now"))
+)
+_CLAIM = (
+    update(STEPS)
+    .where(
+        STEPS.c.id == bindparam("b_id"),
+        STEPS.c.status == StepStatus.QUEUED.value,
+        STEPS.c.attempts == bindparam("b_attempts"),
+        STEPS.c.updated_at == bindparam("b_seen"),  # unchanged since the read, whatever happened between
     )
-    if rt.db.is_postgres:
-        query = query.with_for_update(of=Step, skip_locked=True)
-    return s.scalars(query).first() or nudged
+    .values(
+        status=StepStatus.RUNNING.value,
+        attempts=bindparam("b_next_attempts"),
+        started_at=bindparam("b_started"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_STEP_SUCCEEDED = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("b_id"), STEPS.c.status.not_in(_ENDED_STEP))
+    .values(
+        status=StepStatus.SUCCEEDED.value,
+        output=bindparam("b_output"),
+        finished_at=bindparam("b_now"),
+        error_code=None,
+        error_message=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_alive = exists().where(PIPELINES.c.id == bindparam("b_pipeline"), PIPELINES.c.status.not_in(_ENDED_PIPELINE))
+_NEXT_QUEUED = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("b_id"), STEPS.c.status == StepStatus.PENDING.value, _alive)
+    .values(status=StepStatus.QUEUED.value, deadline_at=bindparam("b_deadline"), updated_at=bindparam("b_now"))
+)
+_PIPELINE_SUCCEEDED = (
+    update(PIPELINES)
+    .where(PIPELINES.c.id == bindparam("b_pipeline"), PIPELINES.c.status.not_in(_ENDED_PIPELINE))
+    .values(
+        status=PipelineStatus.SUCCEEDED.value,
+        finished_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        cost_usd=select(func.coalesce(func.sum(CALLS.c.cost_usd), 0))
+        .where(CALLS.c.pipeline_id == bindparam("b_pipeline"))
+        .scalar_subquery(),
+    )
+)
 
 
-def _begin(rt: Runtime, step_id: str) -> StepContext | None:
+def _pipeline_rows(s: Session, step_id: str) -> Sequence[Any]:
+    """Every step of ``step_id``'s pipeline, in order, each with its pipeline's columns: one SELECT."""
+    rows: Sequence[Any] = s.connection().execute(_PIPELINE_ROWS, {"step_id": step_id}).all()
+    return rows
+
+
+def _most_urgent_copy(s: Session, rt: Runtime, nudged: str) -> str:
+    """Copies run earliest-deadline first: a nudge for any copy step runs the most urgent one
+    that is waiting (every copy step has its own nudge, so none is left behind). On PostgreSQL
+    the row is locked and copies other workers hold are skipped."""
+    found: str | None = s.connection().execute(_URGENT_COPY_LOCKED if rt.db.is_postgres else _URGENT_COPY).scalar()
+    return found or nudged
+
+
+def _begin(rt: Runtime, step_id: str) -> Claim | None:
+    """Claim the step in one transaction, or find there is nothing to do. Safe to repeat."""
     with rt.db.transaction() as s:
-        step = s.get(Step, step_id, with_for_update={"of": Step})
-        if step is not None and step.kind == StepKind.STORE:
-            step = _most_urgent_copy(s, rt, step)
-        if step is None:
+        rows = _pipeline_rows(s, step_id)
+        me = next((r for r in rows if r.id == step_id), None)
+        if me is not None and me.kind == StepKind.STORE:
+            urgent = _most_urgent_copy(s, rt, step_id)
+            if urgent != step_id:
+                rows = _pipeline_rows(s, urgent)
+                me = next((r for r in rows if r.id == urgent), None)
+        if me is None:
             log.warning("unknown_step", step_id=step_id)
             return None
-        pipeline = step.pipeline
-        if step.status != StepStatus.QUEUED:
+        if me.status != StepStatus.QUEUED:
             # Done already, owned by the poller, or running elsewhere right now. A step whose
             # worker died stays RUNNING until the sweeper finds it stale and queues it again.
             return None
-        if pipeline.status in PIPELINE_TERMINAL:
-            step.status = StepStatus.CANCELLED
+        now = utcnow()
+        if me.pipeline_status in PIPELINE_TERMINAL:
+            s.connection().execute(_CANCEL_QUEUED, {"b_id": me.id, "b_now": now})
             return None
-        earlier = [x for x in pipeline.steps if x.position < step.position]
+        earlier = [x for x in rows if x.position < me.position]
         if any(x.status != StepStatus.SUCCEEDED for x in earlier):
             return None  # out of order nudge; the right one comes when the earlier step finishes
-        step.status = StepStatus.RUNNING
-        step.attempts += 1
-        step.started_at = step.started_at or utcnow()
-        pipeline.status = PipelineStatus.RUNNING
-        profile = rt.catalog.profiles.get(pipeline.profile)
+        profile = rt.catalog.profiles.get(me.profile)
         if profile is None:
-            raise ConfigError(f"Profile {pipeline.profile!r} is no longer in the catalog.")
-        return StepContext(
-            step_id=step.id,
-            pipeline_id=pipeline.id,
-            kind=step.kind,
-            attempt=step.attempts,
-            user_id=pipeline.user_id,
-            feature=pipeline.feature,
-            profile=profile,
-            description=pipeline.description,
-            image_url=pipeline.image_url,
-            image_ref=pipeline.image_ref,
-            models=dict(pipeline.models or {}),
-            outputs={x.kind: dict(x.output or {}) for x in earlier},
-            deadline_at=step.deadline_at,
+            raise ConfigError(f"Profile {me.profile!r} is no longer in the catalog.")
+        conn = s.connection()
+        if me.pipeline_status == PipelineStatus.PENDING:  # the pipeline's row first, as cancel locks it
+            conn.execute(_PIPELINE_RUNNING, {"b_id": me.pipeline_id, "b_now": now})
+        won = conn.execute(
+            _CLAIM,
+            {
+                "b_id": me.id,
+                "b_attempts": me.attempts,
+                "b_next_attempts": me.attempts + 1,
+                "b_started": me.started_at or now,
+                "b_seen": me.updated_at,
+                "b_now": now,
+            },
         )
+        if won.rowcount != 1:
+            return None  # another worker claimed it (or it was cancelled) since the read
+        ctx = StepContext(
+            step_id=me.id,
+            pipeline_id=me.pipeline_id,
+            kind=me.kind,
+            attempt=me.attempts + 1,
+            user_id=me.user_id,
+            feature=me.feature,
+            profile=profile,
+            description=me.description,
+            image_url=me.image_url,
+            image_ref=me.image_ref,
+            models=dict(me.models or {}),
+            outputs={x.kind: dict(x.output or {}) for x in earlier},
+            deadline_at=me.deadline_at,
+            first_run=not me.left_behind,
+        )
+        prepare = PREPARE.get(ctx.kind)
+        if prepare is not None:
+            ctx = replace(ctx, prepared=prepare(s, rt, ctx))
+        nxt = next((x for x in rows if x.position == me.position + 1), None)
+        return Claim(
+            ctx=ctx,
+            next_step_id=nxt.id if nxt is not None else None,
+            next_kind=nxt.kind if nxt is not None else None,
+            priority=me.priority,
+            callback_url=me.callback_url,
+        )
+
+
+def _complete(rt: Runtime, claim: Claim, done: Done, hold: AuditHold) -> Effects:
+    """The step's completion in one transaction: the audit rows held for it, the step's own rows,
+    the step, then the next step (queued) or the pipeline (ended, its cost summed in the same
+    statement). Each UPDATE is conditional, so a cancel or a repeat in between changes nothing."""
+    ctx, effects, now = claim.ctx, Effects(), utcnow()
+    with hold.committed_with() as records, rt.db.transaction() as s:
+        write_audit(s, records)
+        if done.write is not None:
+            done.write(s)
+        conn = s.connection()
+        finished = conn.execute(_STEP_SUCCEEDED, {"b_id": ctx.step_id, "b_output": done.output, "b_now": now})
+        if finished.rowcount != 1:
+            return effects
+        if claim.next_step_id is not None:
+            assert claim.next_kind is not None
+            deadline = earliest_expiry(done.output, ctx.outputs.get(StepKind.IMAGE))
+            queued = conn.execute(
+                _NEXT_QUEUED,
+                {"b_id": claim.next_step_id, "b_pipeline": ctx.pipeline_id, "b_deadline": deadline, "b_now": now},
+            )
+            if queued.rowcount == 1:
+                effects.nudges.append((claim.next_step_id, queue_for(claim.next_kind, claim.priority)))
+            return effects
+        ended = conn.execute(_PIPELINE_SUCCEEDED, {"b_pipeline": ctx.pipeline_id, "b_now": now})
+        if ended.rowcount == 1 and claim.callback_url:
+            effects.finished.append(ctx.pipeline_id)
+    return effects
 
 
 def run_step(rt: Runtime, step_id: str) -> None:
     """Run one step to its next resting point. Safe to call any number of times."""
-    ctx = _begin(rt, step_id)
-    if ctx is None:
+    claim = _begin(rt, step_id)
+    if claim is None:
         return
-    bound = log.bind(step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
+    ctx = claim.ctx
     try:
-        outcome = STEP_FUNCTIONS[ctx.kind](rt, ctx)
+        # Successful provider calls' audit rows are held and committed with the transaction that
+        # uses their answer; if the step raises first, the hold writes them on their own.
+        with holding(rt.gateway.audit) as hold:
+            outcome = STEP_FUNCTIONS[ctx.kind](rt, ctx)
+            effects = _complete(rt, claim, outcome, hold) if isinstance(outcome, Done) else None
     except GenlineError as err:
         _after_error(
             rt,
@@ -210,13 +416,11 @@ def run_step(rt: Runtime, step_id: str) -> None:
             refund=False,
         )
         return
-    if isinstance(outcome, Done):
-        with rt.db.transaction() as s:
-            effects = complete_step(s, s.get_one(Step, ctx.step_id), outcome.output)
+    if effects is not None:
         apply_effects(rt, effects)
-        bound.info("step_succeeded")
+        log.info("step_succeeded", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
     else:
-        bound.info("step_waiting", job_id=outcome.job_id)
+        log.info("step_waiting", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
 
 
 def may_retry(rt: Runtime, kind: str, attempts: int, deadline: datetime | None) -> bool:

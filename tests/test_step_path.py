@@ -1,0 +1,412 @@
+"""The worker's step path: two transactions per step, and every guarantee the extra ones used to give.
+
+A step is claimed in one transaction (the media steps' intent and the copy step's "stored already"
+read go with it) and completed in one (the held audit row and the stored objects go with it). These
+tests count the transactions, and break the database at the exact statement that matters to show
+what a rollback leaves: an audited call, no second paid job, no half-recorded copy, no overwritten
+cancel. Drain mode on SQLite, the simulator over real HTTP; the last tests repeat the parts that
+differ on PostgreSQL (marked integration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import OperationalError
+
+import pipelines.engine as engine
+from config.clock import utcnow
+from config.constants import JobStatus, StepStatus
+from config.settings import Settings
+from pipelines.api import Genline
+from pipelines.audit import DatabaseAuditSink
+from pipelines.drain import drain, jobs_in_flight
+from pipelines.engine import run_step
+from pipelines.poller import Poller
+from pipelines.runtime import Runtime
+from provider.gateway import CallContext, CallRecord
+from provider.simulator import SimulatorHandle
+from storage.migrate import upgrade
+from storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
+
+RequestFn = Callable[..., dict[str, Any]]
+
+
+def sim_stats(sim: SimulatorHandle) -> dict[str, Any]:
+    return httpx.get(f"{sim.base_url}/_sim/stats").json()
+
+
+def kind_of(rt: Runtime, step_id: str) -> str:
+    with rt.db.transaction() as s:
+        return s.get_one(Step, step_id).kind
+
+
+def step_row(rt: Runtime, pipeline_id: str, kind: str) -> Step:
+    with rt.db.transaction() as s:
+        return s.scalars(select(Step).where(Step.pipeline_id == pipeline_id, Step.kind == kind)).one()
+
+
+def calls(rt: Runtime, pipeline_id: str, operation: str) -> list[ProviderCall]:
+    with rt.db.transaction() as s:
+        return list(
+            s.scalars(
+                select(ProviderCall).where(ProviderCall.pipeline_id == pipeline_id, ProviderCall.operation == operation)
+            )
+        )
+
+
+def run_until(rt: Runtime, kind: str) -> str:
+    """Run nudges and polls until a step of ``kind`` is nudged; return its id without running it."""
+    poller = Poller(rt)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(500):
+            while (step_id := rt.dispatcher.pop()) is not None:  # type: ignore[attr-defined]
+                if kind_of(rt, step_id) == kind:
+                    return step_id
+                run_step(rt, step_id)
+            if not loop.run_until_complete(poller.run_once()):
+                loop.run_until_complete(asyncio.sleep(0.01))
+        raise AssertionError(f"no {kind} step was nudged")
+    finally:
+        loop.run_until_complete(poller.aclose())
+        loop.close()
+
+
+@contextmanager
+def failing_once(rt: Runtime, statement_start: str) -> Iterator[list[str]]:
+    """The first statement that starts with ``statement_start`` fails as a dropped connection would."""
+    failed: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        if not failed and " ".join(statement.split()).startswith(statement_start):
+            failed.append(statement)
+            raise OperationalError(statement, params, Exception("injected: the database went away"))
+
+    event.listen(rt.db.engine, "before_cursor_execute", before)
+    try:
+        yield failed
+    finally:
+        event.remove(rt.db.engine, "before_cursor_execute", before)
+
+
+@contextmanager
+def counting_commits(rt: Runtime) -> Iterator[list[int]]:
+    commits = [0]
+
+    def on_commit(conn: Any) -> None:
+        commits[0] += 1
+
+    event.listen(rt.db.engine, "commit", on_commit)
+    try:
+        yield commits
+    finally:
+        event.remove(rt.db.engine, "commit", on_commit)
+
+
+# --- the cost of a step -------------------------------------------------------------------------------
+def test_every_step_costs_the_worker_two_transactions(rt: Runtime, request_fields: RequestFn) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields(image="https://images.example.com/mug.png")).pipeline_id
+    per_kind: dict[str, int] = {}
+    poller = Poller(rt)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(500):
+            while (step_id := rt.dispatcher.pop()) is not None:  # type: ignore[attr-defined]
+                kind = kind_of(rt, step_id)
+                with counting_commits(rt) as commits:
+                    run_step(rt, step_id)
+                per_kind[kind] = commits[0]
+            if not rt.dispatcher.sent and not loop.run_until_complete(poller.run_once()):  # type: ignore[attr-defined]
+                if jobs_in_flight(rt) == 0:
+                    break
+                loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.run_until_complete(poller.aclose())
+        loop.close()
+    assert api.status(pid)["status"] == "succeeded"
+    # claim (+ intent / stored-already read) and completion (+ audit row / stored objects / task_id)
+    assert per_kind == {"copy": 2, "image": 2, "video": 2, "store": 2}
+
+
+# --- invariant 2: intent before the submit, task_id right after it ----------------------------------
+def test_the_intent_is_committed_before_the_submit_and_the_task_id_with_the_submits_audit_row(
+    rt: Runtime, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    image_step = run_until(rt, "image")
+    seen: list[tuple[str, str | None, int]] = []
+    real_submit = rt.gateway.submit
+
+    def submit(ctx: CallContext, kind: str, payload: dict[str, Any], key: str) -> Any:
+        with rt.db.transaction() as s:  # another transaction: only what was committed is visible
+            job = s.scalars(select(ProviderJob).where(ProviderJob.idempotency_key == key)).one()
+        seen.append((job.status, job.task_id, len(calls(rt, pid, "submit"))))
+        return real_submit(ctx, kind, payload, key)
+
+    rt.gateway.submit = submit  # type: ignore[method-assign]
+    run_step(rt, image_step)
+    assert seen == [("intent", None, 0)]
+    with rt.db.transaction() as s:
+        job = s.scalars(select(ProviderJob).where(ProviderJob.step_id == image_step)).one()
+        assert job.status == JobStatus.PENDING and job.task_id and job.next_poll_at is not None
+        assert s.get_one(Step, image_step).status == StepStatus.WAITING
+    assert len(calls(rt, pid, "submit")) == 1
+
+
+def test_a_task_id_that_cannot_be_committed_is_audited_and_never_paid_twice(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    image_step = run_until(rt, "image")
+    with failing_once(rt, "UPDATE provider_jobs SET task_id") as failed:
+        run_step(rt, image_step)
+    assert failed
+    step = step_row(rt, pid, "image")
+    assert step.status == StepStatus.QUEUED and step.error_code == "transient_error"
+    assert len(calls(rt, pid, "submit")) == 1  # the held audit row was written on its own
+    with rt.db.transaction() as s:
+        job = s.scalars(select(ProviderJob).where(ProviderJob.step_id == image_step)).one()
+        assert (job.status, job.task_id) == ("intent", None)  # kept: the next try reuses its key
+        key = job.idempotency_key
+    run_step(rt, image_step)  # the retry (the sweeper's nudge)
+    drain(rt)
+    assert api.status(pid)["status"] == "succeeded"
+    stats = sim_stats(sim)
+    assert stats["duplicate_jobs"] == 0 and stats["jobs_created"][key] == 1 and stats["submit_calls"][key] == 2
+    assert len(calls(rt, pid, "submit")) == 3  # both image submits and the video's, each audited once
+
+
+def test_a_photo_that_cannot_be_read_leaves_no_intent_of_unknown_outcome(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    rt.settings = rt.settings.with_overrides(step_max_attempts=1)
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id  # an uploaded photo: read from our storage
+    image_step = run_until(rt, "image")
+    with rt.db.transaction() as s:
+        ref = s.get_one(Pipeline, pid).image_ref
+    rt.store.delete(ref)
+    run_step(rt, image_step)
+    assert api.status(pid)["status"] == "failed"
+    with rt.db.transaction() as s:
+        assert s.scalars(select(ProviderJob).where(ProviderJob.step_id == image_step)).all() == []
+    assert sim_stats(sim)["jobs_total"] == 0
+
+
+# --- the audit row of the copy step ------------------------------------------------------------------
+def test_a_copy_step_whose_completion_rolls_back_still_audits_its_chat_call(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
+    assert copy_step
+    with failing_once(rt, "UPDATE steps SET status=?, output=?") as failed:
+        run_step(rt, copy_step)
+    assert failed
+    step = step_row(rt, pid, "copy")
+    assert step.status == StepStatus.QUEUED and step.output is None
+    assert not rt.dispatcher.sent  # type: ignore[attr-defined]  # nothing nudged for a rolled-back completion
+    assert len(calls(rt, pid, "chat")) == 1
+    run_step(rt, copy_step)
+    drain(rt)
+    status = api.status(pid)
+    assert status["status"] == "succeeded"
+    chats = calls(rt, pid, "chat")
+    assert len(chats) == sim_stats(sim)["chat_calls"] == 2  # every call the provider billed is on record
+    with rt.db.transaction() as s:
+        total = s.scalar(select(func.sum(ProviderCall.cost_usd)).where(ProviderCall.pipeline_id == pid))
+    assert Decimal(status["cost_usd"]) == Decimal(total).quantize(Decimal("0.000001"))
+
+
+def test_a_successful_call_is_held_and_a_failed_one_written_at_once(rt: Runtime) -> None:
+    sink = DatabaseAuditSink(rt.db)
+
+    def record(error: str | None) -> CallRecord:
+        return CallRecord(
+            ctx=CallContext(pipeline_id="pl_x", model="m"), operation="chat", ts=utcnow(), error_code=error
+        )
+
+    def rows() -> int:
+        with rt.db.transaction() as s:
+            return (
+                s.scalar(select(func.count()).select_from(ProviderCall).where(ProviderCall.pipeline_id == "pl_x")) or 0
+            )
+
+    with sink.holding() as hold:
+        sink.record(record("provider_unavailable"))
+        assert rows() == 1  # failed: at once, a backoff may follow
+        sink.record(record(None))
+        assert rows() == 1 and len(hold.records) == 1  # held for the step's next transaction
+        with pytest.raises(RuntimeError), hold.committed_with(), rt.db.transaction():
+            raise RuntimeError("the step's transaction rolled back")
+        assert len(hold.records) == 1  # still held: that transaction did not commit
+    assert rows() == 2  # the hold wrote it on its own when it ended
+    sink.record(record(None))  # no hold: written at once, as always
+    assert rows() == 3
+
+
+# --- the store step ----------------------------------------------------------------------------------
+def test_stored_objects_are_recorded_with_the_completion_or_not_at_all(rt: Runtime, request_fields: RequestFn) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    store_step = run_until(rt, "store")
+    with failing_once(rt, "UPDATE pipelines SET status=?") as failed:
+        run_step(rt, store_step)
+    assert failed
+    with rt.db.transaction() as s:
+        assert s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).all() == []
+    assert step_row(rt, pid, "store").status == StepStatus.QUEUED
+    run_step(rt, store_step)  # copies again, to the same keys
+    status = api.status(pid)
+    assert status["status"] == "succeeded"
+    with rt.db.transaction() as s:
+        kinds = Counter(o.kind for o in s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)))
+    assert kinds == {"video": 1, "image": 1}
+    assert Path(status["video"]["location"]).read_bytes()[4:8] == b"ftyp"
+
+
+def test_a_copy_waits_for_the_earliest_link_of_its_pipeline(rt: Runtime, request_fields: RequestFn) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    run_until(rt, "store")
+    expiries = [
+        datetime.fromisoformat(asset["expires_at"])
+        for kind in ("image", "video")
+        for asset in (step_row(rt, pid, kind).output or {})["assets"]
+    ]
+    assert len(expiries) == 2
+    assert step_row(rt, pid, "store").deadline_at == min(expiries)
+
+
+# --- claims and cancels -------------------------------------------------------------------------------
+def test_a_claim_made_on_a_stale_read_loses_to_the_one_that_got_there_first(
+    rt: Runtime, request_fields: RequestFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
+    assert copy_step
+    with rt.db.transaction() as s:
+        stale = engine._pipeline_rows(s, copy_step)  # what a second worker read before the first claimed
+    first = engine._begin(rt, copy_step)
+    assert first is not None and first.ctx.attempt == 1
+    fresh = engine._pipeline_rows
+    monkeypatch.setattr(engine, "_pipeline_rows", lambda s, step_id: stale)
+    assert engine._begin(rt, copy_step) is None
+    step = step_row(rt, pid, "copy")
+    assert (step.status, step.attempts) == (StepStatus.RUNNING, 1)
+    # The first worker gave the step back, refunding the attempt (nothing reached the provider): it
+    # is queued with the attempts the stale read saw, and still the stale claim must lose.
+    engine._requeue(rt, copy_step, "provider_paused", "paused", refund=True)
+    assert (step_row(rt, pid, "copy").status, step_row(rt, pid, "copy").attempts) == (StepStatus.QUEUED, 0)
+    assert engine._begin(rt, copy_step) is None
+    monkeypatch.setattr(engine, "_pipeline_rows", fresh)
+    again = engine._begin(rt, copy_step)
+    assert again is not None and again.ctx.attempt == 1
+
+
+def test_a_cancel_while_the_step_runs_is_not_overwritten_by_its_completion(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
+    real_chat = rt.gateway.chat
+
+    def chat(*args: Any, **kwargs: Any) -> Any:
+        answer = real_chat(*args, **kwargs)
+        api.cancel(pid)  # the user cancels while the answer is on its way back
+        return answer
+
+    rt.gateway.chat = chat  # type: ignore[method-assign]
+    run_step(rt, copy_step)  # type: ignore[arg-type]
+    status = api.status(pid)
+    assert status["status"] == "cancelled"
+    assert [s["status"] for s in status["steps"]] == ["cancelled"] * 4
+    assert not rt.dispatcher.sent  # type: ignore[attr-defined]
+    assert len(calls(rt, pid, "chat")) == 1  # the call it made is on record all the same
+
+
+def test_only_a_pipeline_with_a_callback_url_costs_a_callback_lookup(rt: Runtime, request_fields: RequestFn) -> None:
+    looked_up: list[str] = []
+    real = engine.notify_callback
+
+    def spy(runtime: Runtime, pipeline_id: str) -> None:
+        looked_up.append(pipeline_id)
+        real(runtime, pipeline_id)
+
+    engine.notify_callback = spy  # type: ignore[assignment]
+    try:
+        api = Genline(runtime=rt)
+        pid = api.submit(request_fields()).pipeline_id
+        drain(rt)
+    finally:
+        engine.notify_callback = real  # type: ignore[assignment]
+    assert api.status(pid)["status"] == "succeeded"
+    assert looked_up == []
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------------
+@pytest.fixture
+def pg_rt(pg_url: str, sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> Iterator[Runtime]:
+    settings = make_settings(sim.base_url, GENLINE_DATABASE_URL=pg_url)
+    upgrade(pg_url)
+    runtime = Runtime.from_settings(settings)
+    yield runtime
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_on_postgres_a_pipeline_runs_with_the_same_rows_and_cost(
+    pg_rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=pg_rt)
+    pid = api.submit(request_fields(callback_url=None)).pipeline_id
+    drain(pg_rt)
+    status = api.status(pid)
+    assert status["status"] == "succeeded", status
+    assert status["copy"] and status["video"]["content_type"] == "video/mp4"
+    with pg_rt.db.transaction() as s:
+        total = s.scalar(select(func.sum(ProviderCall.cost_usd)).where(ProviderCall.pipeline_id == pid))
+        ops = Counter(s.scalars(select(ProviderCall.operation).where(ProviderCall.pipeline_id == pid)))
+        steps = s.scalars(select(Step).where(Step.pipeline_id == pid).order_by(Step.position)).all()
+    assert Decimal(status["cost_usd"]) == Decimal(total)
+    assert ops["chat"] == 1 and ops["submit"] == 2
+    assert [st.attempts for st in steps] == [1, 1, 1, 1]
+    assert isinstance(steps[0].output, dict) and steps[0].output["text"]  # JSON, not a string of JSON
+    assert sim_stats(sim)["duplicate_jobs"] == 0
+
+
+@pytest.mark.integration
+def test_on_postgres_a_copy_another_worker_holds_is_skipped_for_the_next_most_urgent(
+    pg_rt: Runtime, request_fields: RequestFn
+) -> None:
+    api = Genline(runtime=pg_rt)
+    ids = [api.submit(request_fields()).pipeline_id for _ in range(2)]
+    held = [run_until(pg_rt, "store") for _ in ids]
+    urgent, other = held
+    with pg_rt.db.transaction() as s:
+        s.get_one(Step, urgent).deadline_at = utcnow()
+    with pg_rt.db.engine.connect() as conn, conn.begin():  # another worker is on the urgent copy
+        conn.exec_driver_sql("SELECT id FROM steps WHERE id = %(id)s FOR UPDATE", {"id": urgent})
+        run_step(pg_rt, urgent)  # its nudge runs the next most urgent copy instead of waiting
+        by_id = {st: step_row(pg_rt, pid, "store") for st, pid in zip(held, ids, strict=True)}
+        assert by_id[other].status == StepStatus.SUCCEEDED
+        assert by_id[urgent].status == StepStatus.QUEUED
+    run_step(pg_rt, other)  # the other nudge finds the urgent copy free now
+    assert [api.status(p)["status"] for p in ids] == ["succeeded", "succeeded"]
