@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -155,7 +157,7 @@ def genline_pipelines(
         "APIMART_BASE_URL": sim_url,
         "APIMART_API_KEY": key,
         "GENLINE_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
-        "GENLINE_LOG_LEVEL": "WARNING",
+        "GENLINE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
     }
     settings = load_settings(env)
     upgrade(db_url)
@@ -410,6 +412,21 @@ def verdicts(figures: dict[str, Any]) -> dict[str, bool | None]:
     return out
 
 
+LOCK_PATH = Path(tempfile.gettempdir()) / "genline-bench.lock"
+
+
+def one_run_at_a_time() -> Any:
+    """An exclusive lock for this machine's bench runs (every checkout shares one Redis database
+    and the CPUs); the open file is the lock, released when the process ends."""
+    handle = LOCK_PATH.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="genline-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -428,6 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     from config.logging import configure_logging
 
     configure_logging("WARNING")
+    lock = one_run_at_a_time()
+    if lock is None:
+        print(
+            f"bench: another bench run holds {LOCK_PATH}; two at once would share Redis database "
+            f"{REDIS_DB} and consume each other's messages, and slow each other down. Wait for it to end.",
+            file=sys.stderr,
+        )
+        return 2
     began = time.perf_counter()
     out_dir = args.out.parent
     var = (out_dir / f"run-{uuid.uuid4().hex[:8]}").resolve()
