@@ -27,6 +27,19 @@ def _settings() -> Any:
     return settings
 
 
+def _ready(settings: Any) -> None:
+    """Start-up checks of a long-running part: the database answers and has genline's schema.
+    A failure is a plain error with its code (exit 2), not a traceback."""
+    from storage.db import Database
+    from storage.migrate import require_current
+
+    try:
+        Database(settings.database_url).check()
+        require_current(settings.database_url)
+    except GenlineError as err:
+        fail(err, as_json=False)
+
+
 @click.command()
 @click.option(
     "--queues",
@@ -44,10 +57,9 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, loglevel:
     unknown = sorted(set(queues.split(",")) - set(ALL_QUEUES))
     if unknown:
         raise click.BadParameter(f"unknown queue {unknown[0]}; known: {', '.join(ALL_QUEUES)}", param_hint="--queues")
-    from storage.db import Database
     from tasks.steps import celery_app
 
-    Database(settings.database_url).check()
+    _ready(settings)
     app = celery_app(settings)
     argv = [
         "worker",
@@ -77,7 +89,7 @@ def poller(once: bool) -> None:
     from workers.broker import prune_delivered
 
     rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
-    rt.db.check()
+    _ready(settings)
     the_poller = Poller(rt)
 
     async def main() -> None:

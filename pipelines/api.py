@@ -29,9 +29,11 @@ from pipelines.submit import Accepted, submit_pipeline
 class Genline:
     def __init__(self, settings: Settings | None = None, *, runtime: Runtime | None = None) -> None:
         if runtime is None:
+            from storage.migrate import require_current
             from tasks.app import CeleryDispatcher, make_celery
 
             settings = settings or load_settings()
+            require_current(settings.database_url)
             runtime = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
         self.runtime = runtime
 

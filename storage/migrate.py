@@ -32,3 +32,23 @@ def current(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def require_current(url: str) -> None:
+    """Fail at start-up, loudly, when the database's schema is not the one this genline needs
+    (a fresh database, or one an older or newer genline migrated), rather than at the first query."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    from config.errors import ConfigError
+
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    have = current(url)
+    if have == head:
+        return
+    where = make_url(url).render_as_string(hide_password=True)
+    found = "has no genline tables yet" if have is None else f"is at schema revision {have}"
+    raise ConfigError(
+        f"The database at {where} {found}; this genline needs revision {head}. "
+        "Run `genline db upgrade` first (make demo does it for the zero-setup default)."
+    )

@@ -231,6 +231,37 @@ def test_db_upgrade_creates_the_schema_and_can_run_again(sim: SimulatorHandle, t
     assert again.exit_code == 0 and again.stdout == first.stdout
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "submit",
+            "--user-id",
+            "u",
+            "--feature",
+            "f",
+            "--description",
+            "Mug",
+            "--image",
+            "https://images.example.com/mug.png",
+        ],
+        ["worker"],
+        ["poller"],
+    ],
+)
+def test_a_database_without_the_schema_is_a_plain_start_up_error_not_a_traceback(
+    command: list[str], sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    var = tmp_path / "var"
+    g = Genline({"GENLINE_VAR_DIR": str(var), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": TEST_KEY}, var)
+    result = g(*command)
+    assert result.exit_code == 2, result.output
+    match = ERROR_LINE.match(result.stderr.strip())
+    assert match and match["code"] == "invalid_config", result.stderr
+    assert "genline db upgrade" in match["message"] and "no genline tables" in match["message"]
+    assert _count(g.broker, "kombu_message") == 0  # nothing was enqueued
+
+
 # --- submit: bad input ------------------------------------------------------------------------------
 def _bad_image(tmp_path: Path, kind: str) -> str:
     if kind == "not_an_image":
