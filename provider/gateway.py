@@ -65,7 +65,13 @@ class CallRecord:
 
 
 class Stage(Protocol):
-    """A cross-cutting concern wrapped around every call (budget, rate limit, circuit breaker)."""
+    """A cross-cutting concern wrapped around every call (budget, rate limit, circuit breaker).
+
+    A stage may also offer ``plan(ctx, operation, batch) -> batch`` and ``decide(ctx, operation,
+    answers)``: neighbouring such stages put their reads of shared state into one batch (``plan``
+    returns a new one when they cannot join), ``batch.run()`` reads them in one go, and each then
+    ``decide``s in turn exactly as its ``before`` would (see ``provider.stages``).
+    """
 
     def before(self, ctx: CallContext, operation: str) -> None: ...
 
@@ -191,8 +197,7 @@ class Gateway:
         attempt = 0
         while True:
             attempt += 1
-            for stage in self.stages:
-                stage.before(ctx, operation)
+            self._before(ctx, operation)
             record = CallRecord(ctx=ctx, operation=operation, ts=utcnow())
             started = time.perf_counter()
             try:
@@ -222,8 +227,7 @@ class Gateway:
         """Read a job's state once (the poller's next round is the retry). A completed job's
         cost (``units`` images or seconds at the model's rate) is booked on this call's record."""
         assert self._async_client is not None
-        for stage in self.stages:
-            stage.before(ctx, "poll")
+        self._before(ctx, "poll")
         record = CallRecord(ctx=ctx, operation="poll", ts=utcnow())
         started = time.perf_counter()
         try:
@@ -244,6 +248,32 @@ class Gateway:
     async def aclose(self) -> None:
         if self._async_client is not None:
             await self._async_client.aclose()
+
+    def _before(self, ctx: CallContext, operation: str) -> None:
+        """Every stage's ``before``, in order; neighbours that batch their reads share one batch."""
+        group: list[Any] = []
+        batch: Any = None
+
+        def decide_group() -> None:
+            if group:
+                answers = batch.run()
+                for member in group:
+                    member.decide(ctx, operation, answers)
+                group.clear()
+
+        for stage in self.stages:
+            plan = getattr(stage, "plan", None)
+            if plan is None:
+                decide_group()
+                batch = None
+                stage.before(ctx, operation)
+                continue
+            joined = plan(ctx, operation, batch)
+            if joined is not batch:
+                decide_group()
+                batch = joined
+            group.append(stage)
+        decide_group()
 
     def _finish(self, record: CallRecord, started: float, answer: Answer | None, error: ProviderError | None) -> None:
         record.latency_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -9,22 +9,117 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 PREFIX = "genline:"
 
-# Token bucket in one round trip: returns seconds to wait (0 = a token was taken).
-_TAKE_TOKEN = """
-local key, rate, burst, now = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', key, 'tokens', 'at')
-local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-tokens = math.min(burst, tokens + (now - at) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', key, 'tokens', tokens, 'at', now)
-redis.call('EXPIRE', key, math.ceil(burst / rate) + 60)
-return tostring(wait)
+# A token bucket: seconds to wait (0 = a token was taken).
+_BUCKET = """
+local function take(key, rate, burst, now)
+  local state = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + (now - at) * rate)
+  local wait = 0
+  if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+  redis.call('HSET', key, 'tokens', tokens, 'at', now)
+  redis.call('EXPIRE', key, math.ceil(burst / rate) + 60)
+  return wait
+end
 """
+
+# Token bucket in one round trip.
+_TAKE_TOKEN = _BUCKET + "return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])))"
+
+# ``admit`` in one round trip. ARGV: the parts asked for ('p'ause, 'r'ate, 'b'reaker, in that order),
+# now, rate, burst, probe ttl in ms; KEYS: the parts' keys in that order. Stops at the first part
+# that refuses or waits, as the stages would. Returns the parts looked at, the pause reason, the
+# slow-down, the token wait, and 0/1 for breaker open, tripped and probe granted.
+_ADMIT_BODY = """
+local parts, now = ARGV[1], tonumber(ARGV[2])
+local n = 0
+local function nextkey() n = n + 1; return KEYS[n] end
+local seen, paused, slow, wait, open, tripped, probe = '', '', '0', '0', 0, 0, 0
+local function answer() return {seen, paused, slow, wait, open, tripped, probe} end
+if string.find(parts, 'p', 1, true) then
+  seen = seen .. 'p'
+  paused = redis.call('GET', nextkey()) or ''
+  if paused ~= '' then return answer() end
+end
+if string.find(parts, 'r', 1, true) then
+  seen = seen .. 'r'
+  slow = redis.call('GET', nextkey()) or '0'
+  local w = take(nextkey(), tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+  wait = tostring(w)
+  if w > 0 or (tonumber(slow) or 0) > 0 then return answer() end
+end
+if string.find(parts, 'b', 1, true) then
+  seen = seen .. 'b'
+  local open_key, tripped_key, probe_key = nextkey(), nextkey(), nextkey()
+  if redis.call('GET', open_key) then open = 1; return answer() end
+  if redis.call('GET', tripped_key) then
+    tripped = 1
+    if redis.call('SET', probe_key, '1', 'PX', ARGV[5], 'NX') then probe = 1 end
+  end
+end
+return answer()
+"""
+_ADMIT = _BUCKET + _ADMIT_BODY
+
+# Delete those of KEYS that exist (no write when none does); returns their 1-based positions.
+_DELETE_EXISTING = """
+local gone = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('DEL', key); table.insert(gone, i) end
+end
+return gone
+"""
+
+_PARTS = ("pause", "rate", "breaker")
+
+
+@dataclass
+class Admission:
+    """What the stages read before a paid call, asked in one go (one round trip with Redis).
+
+    The parts are looked at in this order, stopping at the first that refuses or waits, exactly
+    as the stages would one after another: the pause; the rate limit (the slow-down key, then a
+    token from the bucket); the model's breaker (open? tripped? then claim the one probe).
+    """
+
+    pause_key: str | None = None
+    rate_keys: tuple[str, str] | None = None  # slow-down, bucket
+    rate_per_s: float = 1.0
+    burst: float = 1.0
+    breaker_keys: tuple[str, str, str] | None = None  # open, tripped, probe
+    probe_ttl_s: float = 1.0
+
+    def parts(self) -> list[str]:
+        wanted = (self.pause_key, self.rate_keys, self.breaker_keys)
+        return [part for part, value in zip(_PARTS, wanted, strict=True) if value is not None]
+
+    def can_add(self, part: str) -> bool:
+        """A part joins only after those already asked for, so the order above is kept."""
+        return all(_PARTS.index(asked) < _PARTS.index(part) for asked in self.parts())
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """``admit``'s answers; a part not ``*_checked`` was not looked at (one before it stopped)."""
+
+    paused: str | None = None  # the pause's reason
+    rate_checked: bool = False
+    slow_s: float = 0.0  # the slow-down the provider's low quota asked for
+    token_wait_s: float = 0.0  # 0 = a token was taken
+    breaker_checked: bool = False
+    breaker_open: bool = False
+    tripped: bool = False
+    probe_granted: bool = False
+
+    @classmethod
+    def all_clear(cls, admission: Admission) -> Admitted:
+        """Every part asked for looked at and found clear (failing open)."""
+        return cls(rate_checked=admission.rate_keys is not None, breaker_checked=admission.breaker_keys is not None)
 
 
 class SharedState(Protocol):
@@ -42,6 +137,14 @@ class SharedState(Protocol):
 
     def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
         """Take a token from a bucket refilled at ``rate_per_s``; seconds to wait when empty."""
+        ...
+
+    def admit(self, admission: Admission) -> Admitted:
+        """Everything a paid call's stages read before it is sent, in one go (see ``Admission``)."""
+        ...
+
+    def delete_existing(self, *keys: str) -> list[str]:
+        """Delete those of ``keys`` that exist (writing nothing when none does); returns them."""
         ...
 
 
@@ -71,10 +174,13 @@ class LocalSharedState:
 
     def set_if_absent(self, key: str, value: str, ttl_s: float) -> bool:
         with self._lock:
-            if self._live(key) is not None:
-                return False
-            self._values[key] = (value, self._clock() + ttl_s)
-            return True
+            return self._set_if_absent(key, value, ttl_s)
+
+    def _set_if_absent(self, key: str, value: str, ttl_s: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        self._values[key] = (value, self._clock() + ttl_s)
+        return True
 
     def delete(self, *keys: str) -> None:
         with self._lock:
@@ -91,16 +197,47 @@ class LocalSharedState:
 
     def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
         with self._lock:
-            now = self._clock()
-            tokens, at = self._buckets.get(key, (burst, now))
-            tokens = min(burst, tokens + (now - at) * rate_per_s)
-            wait = 0.0
-            if tokens >= 1:
-                tokens -= 1
-            else:
-                wait = (1 - tokens) / rate_per_s
-            self._buckets[key] = (tokens, now)
-            return wait
+            return self._take_token(key, rate_per_s, burst)
+
+    def _take_token(self, key: str, rate_per_s: float, burst: float) -> float:
+        now = self._clock()
+        tokens, at = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate_per_s)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / rate_per_s
+        self._buckets[key] = (tokens, now)
+        return wait
+
+    def admit(self, admission: Admission) -> Admitted:
+        with self._lock:
+            if admission.pause_key is not None and (paused := self._live(admission.pause_key)):
+                return Admitted(paused=paused)
+            slow = wait = 0.0
+            if admission.rate_keys is not None:
+                slow_key, bucket_key = admission.rate_keys
+                slow = float(self._live(slow_key) or 0.0)
+                wait = self._take_token(bucket_key, admission.rate_per_s, admission.burst)
+                if wait > 0 or slow > 0:
+                    return Admitted(rate_checked=True, slow_s=slow, token_wait_s=wait)
+            rate_checked = admission.rate_keys is not None
+            if admission.breaker_keys is None:
+                return Admitted(rate_checked=rate_checked, slow_s=slow, token_wait_s=wait)
+            open_key, tripped_key, probe_key = admission.breaker_keys
+            if self._live(open_key):
+                return Admitted(rate_checked=rate_checked, breaker_checked=True, breaker_open=True)
+            tripped = bool(self._live(tripped_key))
+            granted = tripped and self._set_if_absent(probe_key, "1", admission.probe_ttl_s)
+            return Admitted(rate_checked=rate_checked, breaker_checked=True, tripped=tripped, probe_granted=granted)
+
+    def delete_existing(self, *keys: str) -> list[str]:
+        with self._lock:
+            present = [key for key in keys if self._live(key) is not None]
+            for key in present:
+                del self._values[key]
+            return present
 
 
 class RedisSharedState:
@@ -116,6 +253,8 @@ class RedisSharedState:
         self._errors = (redis.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
         self._take = self._redis.register_script(_TAKE_TOKEN)
+        self._admit = self._redis.register_script(_ADMIT)
+        self._delete_existing = self._redis.register_script(_DELETE_EXISTING)
         self._warned = False
 
     def _fail_open(self, fallback: Any, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -155,6 +294,43 @@ class RedisSharedState:
 
     def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
         return float(self._fail_open(0.0, self._take, keys=[PREFIX + key], args=[rate_per_s, burst, time.time()]))
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def admit(self, admission: Admission) -> Admitted:
+        keys: list[str] = []
+        if admission.pause_key is not None:
+            keys.append(admission.pause_key)
+        if admission.rate_keys is not None:
+            keys += admission.rate_keys
+        if admission.breaker_keys is not None:
+            keys += admission.breaker_keys
+        if not keys:
+            return Admitted()
+        parts = "".join(part[0] for part in admission.parts())
+        probe_ms = max(1, int(admission.probe_ttl_s * 1000))
+        args = [parts, time.time(), admission.rate_per_s, admission.burst, probe_ms]
+        raw = self._fail_open(None, self._admit, keys=[PREFIX + k for k in keys], args=args)
+        if raw is None:
+            return Admitted.all_clear(admission)
+        seen, paused, slow, wait, is_open, tripped, probe = raw
+        return Admitted(
+            paused=str(paused) or None,
+            rate_checked="r" in seen,
+            slow_s=float(slow or 0.0),
+            token_wait_s=float(wait),
+            breaker_checked="b" in seen,
+            breaker_open=bool(int(is_open)),
+            tripped=bool(int(tripped)),
+            probe_granted=bool(int(probe)),
+        )
+
+    def delete_existing(self, *keys: str) -> list[str]:
+        if not keys:
+            return []
+        gone = self._fail_open([], self._delete_existing, keys=[PREFIX + k for k in keys])
+        return [keys[int(i) - 1] for i in gone]
 
 
 def shared_state_for(broker_url: str, *, embedded: bool) -> SharedState:

@@ -8,6 +8,10 @@
   calls while open (the step moves to its next model), then lets one probe through (half-open).
 
 Polls are not limited or broken here: the poller paces itself and a poll costs nothing.
+
+Before a paid call the three read shared state together: each ``plan``s its part into one
+``Admission`` and the gateway asks the store once (one Redis round trip, a Lua script), then each
+``decide``s on the answers in turn, as its ``before`` would have. ``before`` alone is a batch of one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from config.errors import (
 )
 from config.logging import get_logger
 from provider.gateway import CallContext, CallRecord
-from provider.shared_state import SharedState
+from provider.shared_state import Admission, Admitted, SharedState
 
 log = get_logger("genline.stages")
 PAID = ("chat", "submit")
@@ -41,12 +45,52 @@ def alert(state: SharedState, event: str, **fields: object) -> None:
     log.error(event, alert=True, **fields)
 
 
-class AccountGuard:
+class Batch:
+    """One paid call's reads of shared state, made in one go by ``run``."""
+
+    def __init__(self, state: SharedState) -> None:
+        self.state, self.admission = state, Admission()
+
+    def run(self) -> Admitted:
+        return self.state.admit(self.admission)
+
+
+class _SharedStage:
+    """A stage whose ``before`` reads shared state as a part of a ``Batch``."""
+
+    state: SharedState
+    part: str  # an ``Admission`` part: pause | rate | breaker
+
+    def plan(self, ctx: CallContext, operation: str, batch: Batch | None) -> Batch:
+        """Add this stage's reads to ``batch``; a new batch when they cannot join it."""
+        if operation not in PAID:  # nothing to read: any batch will do
+            return batch if batch is not None else Batch(self.state)
+        if batch is None or batch.state is not self.state or not batch.admission.can_add(self.part):
+            batch = Batch(self.state)
+        self.ask(ctx, batch.admission)
+        return batch
+
+    def ask(self, ctx: CallContext, admission: Admission) -> None:
+        raise NotImplementedError
+
+    def decide(self, ctx: CallContext, operation: str, answers: Admitted) -> None:
+        raise NotImplementedError
+
+    def before(self, ctx: CallContext, operation: str) -> None:
+        self.decide(ctx, operation, self.plan(ctx, operation, None).run())
+
+
+class AccountGuard(_SharedStage):
+    part = "pause"
+
     def __init__(self, state: SharedState, *, pause_s: float = 300.0) -> None:
         self.state, self.pause_s, self.key = state, pause_s, PAUSE_KEY
 
-    def before(self, ctx: CallContext, operation: str) -> None:
-        if operation in PAID and (reason := self.state.get(self.key)):
+    def ask(self, ctx: CallContext, admission: Admission) -> None:
+        admission.pause_key = self.key
+
+    def decide(self, ctx: CallContext, operation: str, answers: Admitted) -> None:
+        if operation in PAID and (reason := answers.paused):
             raise ProviderPaused(
                 f"Paid work with the provider is paused ({reason}); it resumes by itself once the "
                 "account is fixed, or an operator runs `genline provider resume`."
@@ -58,7 +102,9 @@ class AccountGuard:
             alert(self.state, "provider_paused", code=error.code, pause_s=self.pause_s, model=record.ctx.model)
 
 
-class RateLimiter:
+class RateLimiter(_SharedStage):
+    part = "rate"
+
     def __init__(
         self,
         state: SharedState,
@@ -74,11 +120,16 @@ class RateLimiter:
         self.max_wait_s, self.low_water, self.sleep = max_wait_s, low_water, sleep
         self.key, self.slow_key = f"rate:{provider}", f"rate:{provider}:slow"
 
-    def before(self, ctx: CallContext, operation: str) -> None:
+    def ask(self, ctx: CallContext, admission: Admission) -> None:
+        admission.rate_keys, admission.rate_per_s, admission.burst = (self.slow_key, self.key), self.rate, self.burst
+
+    def decide(self, ctx: CallContext, operation: str, answers: Admitted) -> None:
         if operation not in PAID:
             return
-        wait = float(self.state.get(self.slow_key) or 0.0)  # the provider said we are nearly out
-        wait = max(wait, self.state.take_token(self.key, self.rate, self.burst))
+        if not answers.rate_checked:  # not looked at in the batch: read now
+            answers = self.plan(ctx, operation, None).run()
+        # The slow-down: the provider said we are nearly out; then the bucket's own wait.
+        wait = max(answers.slow_s, answers.token_wait_s)
         if wait > self.max_wait_s:
             err = RateLimited(f"Our own rate limit asks to wait {wait:.1f} s.", retry_after=wait)
             err.nothing_sent = True
@@ -93,7 +144,9 @@ class RateLimiter:
             self.state.set(self.slow_key, "0.5", 1.0)
 
 
-class CircuitBreaker:
+class CircuitBreaker(_SharedStage):
+    part = "breaker"
+
     def __init__(self, state: SharedState, *, threshold: int = 5, cooldown_s: float = 30.0) -> None:
         self.state, self.threshold, self.cooldown_s = state, threshold, cooldown_s
 
@@ -101,23 +154,27 @@ class CircuitBreaker:
         base = f"breaker:{model or 'any'}"
         return f"{base}:failures", f"{base}:open", f"{base}:tripped", f"{base}:probe"
 
-    def before(self, ctx: CallContext, operation: str) -> None:
+    def ask(self, ctx: CallContext, admission: Admission) -> None:
+        _, open_key, tripped, probe = self._keys(ctx.model)
+        admission.breaker_keys, admission.probe_ttl_s = (open_key, tripped, probe), self.cooldown_s
+
+    def decide(self, ctx: CallContext, operation: str, answers: Admitted) -> None:
         if operation not in PAID:
             return
-        _, open_key, tripped, probe = self._keys(ctx.model)
-        if self.state.get(open_key):
+        if not answers.breaker_checked:  # the rate limit waited first: read now, after the wait
+            answers = self.plan(ctx, operation, None).run()
+        if answers.breaker_open:
             raise CircuitOpen(f"{ctx.model} has been failing; it is not being called for now.")
-        if self.state.get(tripped) and not self.state.set_if_absent(probe, "1", self.cooldown_s):
+        if answers.tripped and not answers.probe_granted:  # the probe is claimed set-if-absent
             raise CircuitOpen(f"{ctx.model} is being probed after failures; it is not being called meanwhile.")
 
     def after(self, record: CallRecord, error: ProviderError | None) -> None:
         if record.operation not in PAID:
             return
         failures, open_key, tripped, probe = self._keys(record.ctx.model)
-        if error is None:
-            if self.state.get(tripped):
+        if error is None:  # one round trip, and no write unless something was counted or tripped
+            if tripped in self.state.delete_existing(failures, tripped, probe):
                 log.info("circuit_closed", model=record.ctx.model)
-            self.state.delete(failures, tripped, probe)
             return
         if not isinstance(error, _BREAKS):
             return

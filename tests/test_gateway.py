@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +25,10 @@ from config.errors import (
 from config.settings import Settings
 from provider.client import AsyncProviderClient, ProviderClient
 from provider.gateway import CallContext, Gateway, MemoryAuditSink, RetryPolicy
+from provider.shared_state import RedisSharedState
 from provider.simulator import SimulatorHandle
+from provider.stages import AccountGuard, CircuitBreaker, RateLimiter
+from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 
 CTX = CallContext(user_id="u1", feature="f1", pipeline_id="pl_1", step_id="st_1", model="gpt-4o-mini")
 MESSAGES = [{"role": "user", "content": "A mug"}]
@@ -185,3 +189,42 @@ def test_a_submit_and_its_poll_share_the_job_and_the_poll_books_the_cost(
 
     asyncio.run(poll())
     assert float(audit.records[-1].cost_usd) == pytest.approx(0.15)
+
+
+def test_a_paid_call_costs_two_redis_round_trips(
+    sim: SimulatorHandle, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pause, rate limit and breaker read together before the call; after a success, one more
+    trip that writes nothing when nothing was counted or tripped."""
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
+    import redis
+
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/9"
+    admin = redis.Redis.from_url(url)
+    admin.flushdb()
+    state = RedisSharedState(url)
+    stages = [AccountGuard(state), RateLimiter(state, rate_per_s=1000), CircuitBreaker(state)]
+    client = ProviderClient(make_settings(sim.base_url))
+    gateway = Gateway(load_catalog(), MemoryAuditSink(), client=client, stages=stages)
+    sent: list[str] = []
+    execute = redis.Redis.execute_command
+
+    def counting(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return execute(self, *args, **options)
+
+    try:
+        gateway.chat(CTX, MESSAGES, max_tokens=20)  # loads the scripts once
+        monkeypatch.setattr(redis.Redis, "execute_command", counting)
+        gateway.chat(CTX, MESSAGES, max_tokens=20)
+        assert sent == ["EVALSHA", "EVALSHA"]
+        sent.clear()
+        payload = {"model": "minimax-hailuo-2.3", "prompt": "mug", "duration": 6, "aspect_ratio": "16:9"}
+        gateway.submit(CallContext(model="minimax-hailuo-2.3"), "video", payload | {"resolution": "768p"}, "key-rt")
+        assert sent == ["EVALSHA", "EVALSHA"]
+        assert not admin.exists("genline:breaker:gpt-4o-mini:failures", "genline:rate:apimart:slow")
+    finally:
+        gateway.close()
+        state.close()
+        admin.flushdb()
+        admin.close()

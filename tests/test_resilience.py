@@ -5,16 +5,18 @@ by deadline and degraded copy. Over real HTTP against the simulator, in drain mo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
+from config.catalog import load_catalog
 from config.clock import utcnow
-from config.errors import InvalidState, NotFound
+from config.errors import CircuitOpen, InvalidState, NotFound, ProviderPaused, ProviderUnavailable, RateLimited
 from config.settings import Settings
 from pipelines.api import Genline
 from pipelines.drain import drain
@@ -22,12 +24,13 @@ from pipelines.engine import run_step
 from pipelines.poller import Poller
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
-from provider.gateway import CallContext, CallRecord
-from provider.shared_state import LocalSharedState
+from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, Stage
+from provider.shared_state import Admission, Admitted, LocalSharedState, RedisSharedState, SharedState
 from provider.simulator import SimulatorHandle
-from provider.stages import PAUSE_KEY, RateLimiter
+from provider.stages import PAUSE_KEY, AccountGuard, CircuitBreaker, RateLimiter
 from storage.migrate import upgrade
 from storage.models import ProviderCall, ProviderJob, Step
+from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -307,3 +310,162 @@ def test_a_submit_that_never_answered_is_recorded_not_forgotten(
     with rt.db.transaction() as s:
         jobs = s.scalars(select(ProviderJob)).all()
     assert [(j.status, j.error_code) for j in jobs] == [("unknown", "submit_outcome_unknown")]
+
+
+# --- the stages' reads in one round trip (``SharedState.admit``) --------------------------------
+BREAKER = ("breaker:m:open", "breaker:m:tripped", "breaker:m:probe")
+
+
+def _admission(**changes: Any) -> Admission:
+    values: dict[str, Any] = {
+        "pause_key": PAUSE_KEY,
+        "rate_keys": ("rate:t:slow", "rate:t"),
+        "rate_per_s": 0.001,  # no refill to speak of during a test
+        "burst": 2,
+        "breaker_keys": BREAKER,
+        "probe_ttl_s": 30,
+    }
+    values.update(changes)
+    return Admission(**values)
+
+
+@pytest.fixture
+def redis_db9() -> Iterator[str]:
+    """Redis database 9, ours alone, emptied before and after."""
+    require_service("Redis", REDIS_HOST, REDIS_PORT)
+    import redis
+
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/9"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["local", "redis"])
+def any_state(request: pytest.FixtureRequest) -> Iterator[SharedState]:
+    if request.param == "local":
+        yield LocalSharedState()
+        return
+    state = RedisSharedState(request.getfixturevalue("redis_db9"))
+    yield state
+    state.close()
+
+
+def test_admit_reads_pause_rate_and_breaker_in_order_and_stops_where_a_stage_would(any_state: SharedState) -> None:
+    state = any_state
+    clear = state.admit(_admission())  # nothing set: a token taken, breaker closed
+    assert clear == Admitted(rate_checked=True, breaker_checked=True)
+    state.set(PAUSE_KEY, "provider_insufficient_balance", 60)
+    paused = state.admit(_admission())
+    assert paused == Admitted(paused="provider_insufficient_balance")  # nothing after the pause is read
+    state.delete(PAUSE_KEY)
+    state.set(BREAKER[0], "1", 30)
+    opened = state.admit(_admission())  # the second and last token
+    assert opened.breaker_checked and opened.breaker_open and not opened.probe_granted
+    empty = state.admit(_admission())  # no token left: the breaker is not read (it is, after the wait)
+    assert empty.rate_checked and empty.token_wait_s > 0 and not empty.breaker_checked
+    state.delete(BREAKER[0])
+    state.set(BREAKER[1], "1", 600)  # tripped, cooldown over: half-open
+    half_open = _admission(rate_keys=None)
+    assert state.admit(half_open) == Admitted(breaker_checked=True, tripped=True, probe_granted=True)
+    assert state.admit(half_open) == Admitted(breaker_checked=True, tripped=True, probe_granted=False)  # once
+    assert state.get(BREAKER[2]) == "1"
+    state.set("rate:t:slow", "0.5", 60)  # the provider's quota is low: slow down
+    slowed = state.admit(_admission(pause_key=None, rate_keys=("rate:t:slow", "rate:other"), breaker_keys=None))
+    assert slowed == Admitted(rate_checked=True, slow_s=0.5)
+    assert state.admit(Admission()) == Admitted()
+
+
+def test_delete_existing_deletes_and_names_only_what_is_there(any_state: SharedState) -> None:
+    state = any_state
+    assert state.delete_existing("breaker:m:failures", *BREAKER) == []
+    state.set(BREAKER[1], "1", 60)
+    state.incr("breaker:m:failures", 60)
+    assert state.delete_existing("breaker:m:failures", *BREAKER) == ["breaker:m:failures", BREAKER[1]]
+    assert state.get(BREAKER[1]) is None and state.get("breaker:m:failures") is None
+
+
+def test_an_unreachable_redis_fails_open_for_the_batched_reads() -> None:
+    state = RedisSharedState("redis://127.0.0.1:1/9")  # nothing listens on port 1
+    with capture_logs() as logs:
+        assert state.admit(_admission()) == Admitted(rate_checked=True, breaker_checked=True)  # no pause, no wait
+        assert state.delete_existing(*BREAKER) == []
+        gateway = Gateway(load_catalog(), MemoryAuditSink(), stages=_stages(state))
+        gateway._before(CallContext(model="m"), "chat")  # every stage lets the call through
+        gateway._before(CallContext(model="m"), "chat")  # no bucket, so no wait either
+        for stage in gateway.stages:
+            stage.after(_record(), None)  # a success writes nothing, and fails open too
+    assert [e["event"] for e in logs if e["event"] == "shared_state_unreachable"] == ["shared_state_unreachable"]
+    state.close()
+
+
+def _stages(state: SharedState, sleep: Callable[[float], None] = lambda s: None) -> list[Stage]:
+    return [
+        AccountGuard(state),
+        RateLimiter(state, rate_per_s=2, burst=2, sleep=sleep),
+        CircuitBreaker(state, threshold=2, cooldown_s=30),
+    ]
+
+
+def _record(model: str = "m") -> CallRecord:
+    return CallRecord(ctx=CallContext(model=model), operation="chat", ts=utcnow())
+
+
+def test_the_stages_through_the_gateway_keep_their_rules(any_state: SharedState) -> None:
+    state, waits = any_state, []
+    stages = _stages(state, sleep=waits.append)
+    gateway, ctx = Gateway(load_catalog(), MemoryAuditSink(), stages=stages), CallContext(model="m")
+    state.set(PAUSE_KEY, "provider_authentication_failed", 60)
+    with pytest.raises(ProviderPaused):
+        gateway._before(ctx, "submit")
+    gateway._before(ctx, "poll")  # polls are never held, limited or broken
+    state.delete(PAUSE_KEY)
+    gateway._before(ctx, "chat")
+    gateway._before(ctx, "chat")  # the pause took no token: two calls, no wait
+    assert waits == []
+    breaker = CircuitBreaker(state, threshold=2, cooldown_s=30)
+    fast = RateLimiter(state, rate_per_s=1000, burst=1000, provider="fast", sleep=waits.append)
+    gateway = Gateway(load_catalog(), MemoryAuditSink(), stages=[stages[0], fast, breaker])
+    for _ in range(2):  # two failures in a row open the breaker
+        breaker.after(_record(), ProviderUnavailable("down"))
+    assert state.get("breaker:m:open") == "1"
+    with pytest.raises(CircuitOpen):
+        gateway._before(ctx, "chat")
+    gateway._before(CallContext(model="other"), "chat")  # per model
+    state.delete("breaker:m:open")  # the cooldown is over: one probe
+    gateway._before(ctx, "chat")
+    with pytest.raises(CircuitOpen, match="probed"):
+        gateway._before(ctx, "chat")
+    breaker.after(_record(), None)  # the probe succeeded: closed, counters gone
+    assert state.get("breaker:m:tripped") is None and state.get("breaker:m:probe") is None
+    gateway._before(ctx, "chat")
+    breaker.after(_record(), ProviderUnavailable("down"))
+    breaker.after(_record(), None)  # a success breaks the run of failures
+    breaker.after(_record(), ProviderUnavailable("down"))
+    assert state.get("breaker:m:open") is None
+    gateway._before(ctx, "chat")
+    assert waits == []  # every decision above came from the one batched read
+
+
+def test_after_a_rate_limit_wait_the_breaker_is_read_after_the_wait(any_state: SharedState) -> None:
+    state = any_state
+
+    def sleep(seconds: float) -> None:  # meanwhile another worker's failures open the breaker
+        state.set("breaker:m:open", "1", 30)
+
+    gateway = Gateway(load_catalog(), MemoryAuditSink(), stages=_stages(state, sleep=sleep))
+    state.set("rate:apimart:slow", "0.5", 60)
+    with pytest.raises(CircuitOpen):
+        gateway._before(CallContext(model="m"), "chat")
+
+
+def test_a_wait_longer_than_allowed_is_refused_before_the_breaker_claims_a_probe(any_state: SharedState) -> None:
+    state = any_state
+    gateway = Gateway(load_catalog(), MemoryAuditSink(), stages=_stages(state))
+    state.set("rate:apimart:slow", "5", 60)  # more than max_wait_s
+    state.set("breaker:m:tripped", "1", 600)
+    with pytest.raises(RateLimited):
+        gateway._before(CallContext(model="m"), "chat")
+    assert state.get("breaker:m:probe") is None  # still free for the call that gets through
