@@ -38,6 +38,7 @@ from config.errors import (
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
+    ResultExpired,
 )
 from config.logging import get_logger
 from pipelines.audit import current_hold, write_audit
@@ -471,7 +472,16 @@ def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
             continue
         asset = ctx.outputs[kind]["assets"][0]
         expires = _parse_time(asset.get("expires_at"))
-        info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type=kind)
+        try:
+            info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type=kind)
+        except ResultExpired as err:
+            if kind == StepKind.VIDEO:
+                raise
+            # The video (copied first) is what the pipeline delivers; an image whose link ran out
+            # while the video rendered is reported, loudly, not made to cost the seller the video.
+            log.error("image_link_expired", alert=True, step_id=ctx.step_id, pipeline_id=ctx.pipeline_id)
+            done[kind] = {"expired": True, "error_code": err.code, "message": err.message}
+            continue
         rows.append(
             {
                 "id": new_id("obj"),

@@ -410,3 +410,46 @@ def test_on_postgres_a_copy_another_worker_holds_is_skipped_for_the_next_most_ur
         assert by_id[urgent].status == StepStatus.QUEUED
     run_step(pg_rt, other)  # the other nudge finds the urgent copy free now
     assert [api.status(p)["status"] for p in ids] == ["succeeded", "succeeded"]
+
+
+def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_video(
+    rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.steps as steps
+    from config.errors import ResultExpired
+
+    real_copy = steps.copy_url_to_store
+
+    def image_link_gone(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["expect_type"] == "image":
+            raise ResultExpired("The provider's result link expired before it could be copied.")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "copy_url_to_store", image_link_gone)
+    api = Genline(runtime=rt)
+    accepted = api.submit(request_fields())
+    drain(rt)
+    status = api.status(accepted.pipeline_id)
+    assert status["status"] == "succeeded", status
+    assert Path(status["video"]["location"]).exists()
+    assert status["image"]["expired"] is True and status["image"]["error_code"] == "result_expired"
+    with rt.db.transaction() as s:
+        kinds = s.scalars(select(StoredObject.kind).where(StoredObject.pipeline_id == accepted.pipeline_id)).all()
+    assert kinds == ["video"]
+
+
+def test_a_video_link_that_ran_out_still_fails_the_pipeline_plainly(
+    rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.steps as steps
+    from config.errors import ResultExpired
+
+    def video_link_gone(*args: Any, **kwargs: Any) -> Any:
+        raise ResultExpired("The provider's result link expired before it could be copied.")
+
+    monkeypatch.setattr(steps, "copy_url_to_store", video_link_gone)
+    api = Genline(runtime=rt)
+    accepted = api.submit(request_fields())
+    drain(rt)
+    status = api.status(accepted.pipeline_id)
+    assert status["status"] == "failed" and status["error"]["code"] == "result_expired"
