@@ -1,11 +1,12 @@
 """S3 (and S3-compatible: MinIO, moto) object storage behind the ObjectStore seam.
 
-Uploads stream in constant memory. A stream shorter than one part (8 MiB by default, at least
-5 MiB) is sent with one ``PutObject``; a longer one as a multipart upload, holding at most one part
-in a single reused buffer. Every part (or the single body) carries its ``ChecksumSHA256`` so S3
-rejects bytes damaged in transit; a size mismatch or any failure aborts the multipart upload, so no
-object and no pending upload is left behind. Afterwards ``HeadObject`` checks size, content type
-and, where the store reports one, the SHA-256 checksum.
+Uploads stream in constant memory. A stream shorter than one part (8 MiB by default, at least 5 MiB)
+is sent with one ``PutObject``; a longer one as a multipart upload through two reused part buffers:
+one part uploads (in a thread of the upload's own) while the next fills from the stream, so reading
+and sending overlap and at most two parts are ever held. Every part (or the single body) carries its
+``ChecksumSHA256`` so S3 rejects bytes damaged in transit; a size mismatch or any failure aborts the
+multipart upload, so no object and no pending upload is left behind. Afterwards ``HeadObject``
+checks size, content type and, where the store reports one, the SHA-256 checksum.
 
 Where sha256 is kept: S3 object metadata is fixed when an upload starts, before the digest of a
 stream is known, and S3's own SHA-256 checksum of a multipart object is a checksum *of the part
@@ -24,7 +25,8 @@ import base64
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import boto3
@@ -125,7 +127,8 @@ class S3ObjectStore:
         validate_content_type(content_type)
         name = self._name(key)
         digest = hashlib.sha256()
-        buffer = bytearray(self.part_size)  # the one part held in memory, reused for every part
+        buffers = [bytearray(self.part_size)]  # the part filling; a second once a part is uploading
+        buffer = buffers[0]
         filled = size = 0
         upload: _MultipartUpload | None = None
         try:
@@ -142,7 +145,9 @@ class S3ObjectStore:
                     if filled == self.part_size:
                         if upload is None:
                             upload = self._start_multipart(key, name, content_type)
-                        upload.add_part(buffer)
+                            buffers.append(bytearray(self.part_size))
+                        upload.send_part(buffer)  # returns once the part before it has gone
+                        buffer = buffers[1] if buffer is buffers[0] else buffers[0]
                         filled = 0
             check_size(key, expected_size, size, final=True)
             del buffer[filled:]  # shrink in place to the bytes of the last (or only) part
@@ -150,7 +155,7 @@ class S3ObjectStore:
                 checksum = self._put_single(key, name, buffer, content_type, digest.digest())
             else:
                 if filled:
-                    upload.add_part(buffer)
+                    upload.send_part(buffer)
                 checksum = upload.complete()
         except BaseException:
             if upload is not None:
@@ -355,6 +360,20 @@ class _MultipartUpload:
         self._store, self._key, self._name, self._upload_id = store, key, name, upload_id
         self._parts: list[dict[str, Any]] = []
         self._digests: list[bytes] = []
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-part")
+        self._sending: Future[None] | None = None
+
+    def send_part(self, body: bytearray) -> None:
+        """Start uploading ``body`` as the next part and return once the part before it has been
+        uploaded (its error, if any, is raised here): the caller may then reuse that part's buffer,
+        never this one's until the next call returns."""
+        self._wait()
+        self._sending = self._sender.submit(self.add_part, body)
+
+    def _wait(self) -> None:
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            sending.result()
 
     def add_part(self, body: bytearray) -> None:
         """Upload ``body`` as the next part; the buffer may be reused once this returns."""
@@ -378,6 +397,10 @@ class _MultipartUpload:
 
     def complete(self) -> str:
         """Finish the upload; returns the composite checksum S3 should report (``<b64>-<parts>``)."""
+        try:
+            self._wait()
+        finally:
+            self._sender.shutdown(wait=True)
         with self._store._boundary("finish the upload of", self._key):
             self._store._client.complete_multipart_upload(
                 Bucket=self._store.bucket,
@@ -392,6 +415,9 @@ class _MultipartUpload:
 
         A bucket lifecycle rule (AbortIncompleteMultipartUpload) sweeps any upload left behind.
         """
+        with suppress(Exception):  # the error that caused the abort is the one raised
+            self._wait()  # a part still on its way would otherwise land after the abort
+        self._sender.shutdown(wait=True)
         try:
             self._store._client.abort_multipart_upload(
                 Bucket=self._store.bucket, Key=self._name, UploadId=self._upload_id
