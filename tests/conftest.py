@@ -119,15 +119,26 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database number of our own, emptied before and after."""
+def _own_redis_db(number: int) -> Iterator[str]:
+    """A Redis database number of the tests' own, emptied before and after."""
     require_service("Redis", REDIS_HOST, REDIS_PORT)
     import redis
 
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/13"
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{number}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """Redis database 13 (the broker and shared state of integration tests)."""
+    yield from _own_redis_db(13)
+
+
+@pytest.fixture
+def redis_db9() -> Iterator[str]:
+    """Redis database 9 (the gateway's shared-state tests)."""
+    yield from _own_redis_db(9)

@@ -30,7 +30,6 @@ from provider.simulator import SimulatorHandle
 from provider.stages import PAUSE_KEY, AccountGuard, CircuitBreaker, RateLimiter
 from storage.migrate import upgrade
 from storage.models import ProviderCall, ProviderJob, Step
-from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -327,20 +326,6 @@ def _admission(**changes: Any) -> Admission:
     }
     values.update(changes)
     return Admission(**values)
-
-
-@pytest.fixture
-def redis_db9() -> Iterator[str]:
-    """Redis database 9, ours alone, emptied before and after."""
-    require_service("Redis", REDIS_HOST, REDIS_PORT)
-    import redis
-
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/9"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture(params=["local", "redis"])
