@@ -109,12 +109,6 @@ def earliest_expiry(output: dict[str, Any], image_output: dict[str, Any] | None)
     return min(times) if times else None
 
 
-def min_expiry(s: Session, pipeline_id: str, output: dict[str, Any]) -> datetime | None:
-    """``earliest_expiry``, reading the image step's output from the database."""
-    earlier = s.scalars(select(Step.output).where(Step.pipeline_id == pipeline_id, Step.kind == "image")).first()
-    return earliest_expiry(output, earlier)
-
-
 def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
     effects = Effects()
     now = utcnow()

@@ -14,7 +14,6 @@ price anything themselves.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -288,14 +287,3 @@ class Gateway:
         self.audit.record(record)
         for stage in self.stages:
             stage.after(record, error)
-
-
-async def gather_limited(limit: int, coros: Sequence[Any]) -> list[Any]:
-    """Run coroutines with at most ``limit`` in flight; exceptions are returned, not raised."""
-    sem = asyncio.Semaphore(limit)
-
-    async def one(coro: Any) -> Any:
-        async with sem:
-            return await coro
-
-    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
