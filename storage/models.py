@@ -124,7 +124,9 @@ class ProviderJob(Base):
     its ``task_id`` is committed as soon as the provider answers, before anything else."""
 
     __tablename__ = "provider_jobs"
-    __table_args__ = (Index("ix_provider_jobs_due", "status", "next_poll_at"),)
+    # The status only: an index holding next_poll_at would make every poll answer's update write
+    # all five indexes again (no HOT update); see migration 0004.
+    __table_args__ = (Index("ix_provider_jobs_status", "status"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     step_id: Mapped[str] = mapped_column(ForeignKey("steps.id", ondelete="CASCADE"), index=True)
