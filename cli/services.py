@@ -15,6 +15,7 @@ from cli.output import fail
 from config.constants import ALL_QUEUES
 from config.errors import GenlineError
 from config.logging import configure_logging
+from config.loop import run as run_loop
 from config.settings import load_settings
 
 
@@ -110,7 +111,7 @@ def poller(once: bool) -> None:
 
         await asyncio.gather(the_poller.run(stop), housekeeping())
 
-    asyncio.run(main())
+    run_loop(main())  # uvloop where installed (config/loop.py)
     rt.close()
 
 

@@ -509,10 +509,13 @@ class Poller:
 
     async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 5.0, idle_s: float = 0.25) -> None:
         """Rounds overlap: while one round's answers are being written, the next is claimed and
-        polled (its jobs are leased, so the two never touch the same rows)."""
+        polled (its jobs are leased, so the two never touch the same rows). Behind schedule (a
+        claim came back full), the round after is claimed while this one's reads are in flight,
+        so the provider is never left waiting on a claim."""
         log.info("poller_started", owner=self.owner, interval_s=self.settings.poll_interval_s)
         last_sweep = 0.0
         writing: asyncio.Task[None] | None = None
+        ahead: asyncio.Task[list[Claimed]] | None = None  # the next round's claim, taken early
         doorbell = Doorbell(self.rt.db.url) if self.rt.db.is_postgres else None
         if doorbell is not None:
             doorbell.start()
@@ -520,8 +523,13 @@ class Poller:
             while not stop.is_set():
                 count = 0
                 try:
-                    claimed = await asyncio.to_thread(self.claim)
+                    if ahead is not None:
+                        claimed, ahead = await ahead, None
+                    else:
+                        claimed = await asyncio.to_thread(self.claim)
                     count = len(claimed)
+                    if count >= self.settings.poller_batch:
+                        ahead = asyncio.create_task(asyncio.to_thread(self.claim))
                     answers = await self.poll(claimed) if claimed else []
                     records = self.audit.drain()
                     if writing is not None:
@@ -537,6 +545,9 @@ class Poller:
                 except Exception as exc:  # noqa: BLE001  # a database hiccup must not end the loop
                     log.error("poller_round_failed", error=repr(exc)[:300])
                     writing = None
+                    if ahead is not None:  # its jobs' leases run out and they are claimed again
+                        ahead.cancel()
+                        ahead = None
                     count = 0
                     await asyncio.sleep(1.0)
                 if count == 0:
@@ -548,6 +559,9 @@ class Poller:
                             await asyncio.wait_for(stop.wait(), timeout=nap)
             if writing is not None:
                 await writing
+            if ahead is not None:  # claimed, never read: the leases run out and the jobs are claimed again
+                with contextlib.suppress(Exception):
+                    await ahead
         finally:
             if doorbell is not None:
                 await doorbell.aclose()

@@ -250,6 +250,8 @@ class Gateway:
 
     def _before(self, ctx: CallContext, operation: str) -> None:
         """Every stage's ``before``, in order; neighbours that batch their reads share one batch."""
+        if not self.stages:  # the poller's gateway: thousands of calls a second, no stage
+            return
         group: list[Any] = []
         batch: Any = None
 

@@ -18,19 +18,11 @@ from types import TracebackType
 
 from aiohttp import web
 
+from config.loop import loop_factory
 from provider.simulator.faults import SimConfig
 from provider.simulator.server import SimState, build_app
 
 _SHUTDOWN_TIMEOUT_S = 2.0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop  # type: ignore[import-not-found, unused-ignore]  # optional speed-up, not a dependency
-    except ImportError:
-        return asyncio.new_event_loop
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
@@ -53,7 +45,7 @@ class SimulatorHandle:
     ) -> None:
         self.config = config
         self.state = SimState(config) if clock is None else SimState(config, clock)
-        self._loop = _loop_factory()()
+        self._loop = loop_factory()()
         self._thread = threading.Thread(target=self._run_loop, name="provider-simulator", daemon=True)
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(_start(build_app(config, self.state), host, port), self._loop)
@@ -119,5 +111,5 @@ async def _serve(config: SimConfig, host: str, port: int) -> None:
 
 def serve_forever(config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 8100) -> None:
     """Serve in the foreground until SIGINT or SIGTERM."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_serve(config or SimConfig(), host, port))

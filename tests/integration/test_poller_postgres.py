@@ -274,6 +274,52 @@ def test_the_running_poller_on_postgres_sees_jobs_through_to_their_end(pg_rt: Ru
     assert all(j.lease_until is None for j in jobs.values())
 
 
+def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no_job_is_read_twice(
+    pg_rt: Runtime, sim: SimulatorHandle
+) -> None:
+    rt = pg_rt
+    rt.settings = rt.settings.with_overrides(poller_batch=4)  # 30 due jobs: every claim comes back full
+    job_ids = _seed(rt, _submit(rt, sim, 30, seconds=LONG_S, prefix="ahead"), prefix="ahead")
+    poller = Poller(rt)
+    reading = False
+    claims_during_reads = 0
+    claim, poll = poller.claim, poller.poll
+
+    def watched_claim() -> list[Any]:
+        nonlocal claims_during_reads
+        claims_during_reads += reading
+        return claim()
+
+    async def watched_poll(claimed: list[Any]) -> list[Any]:
+        nonlocal reading
+        reading = True
+        try:
+            await asyncio.sleep(0.05)  # a slow provider: the claim taken ahead has time to land
+            return await poll(claimed)
+        finally:
+            reading = False
+
+    poller.claim = watched_claim  # type: ignore[method-assign]
+    poller.poll = watched_poll  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(poller.run(stop, sweep_every_s=3600))
+        for _ in range(100):  # well inside the 2 s cadence: each job is due once in this test
+            await asyncio.sleep(0.05)
+            if all(j.polls for j in (await asyncio.to_thread(_jobs, rt)).values()):
+                break
+        stop.set()
+        await running
+
+    asyncio.run(scenario())
+    jobs = _jobs(rt)
+    assert {j: jobs[j].polls for j in job_ids} == {j: 1 for j in job_ids}
+    assert all(j.lease_until is None for j in jobs.values())
+    assert len(_polls_audited(rt)) == len(job_ids)
+    assert claims_during_reads >= 3  # rounds overlapped: claims were taken while reads were in flight
+
+
 # --- the HTTP/1.1 reader ---------------------------------------------------------------------------
 Reply = Callable[[str, int], Awaitable[tuple[bytes, bool]]]  # (path, nth request on this connection) -> (bytes, close?)
 
