@@ -348,7 +348,9 @@ def section_poller(
             "poller_vs_raw_http": round(result.max_polls_per_s / raw_best, 3),
             "poller": {
                 "max_polls_per_s": round(result.max_polls_per_s, 1),
+                "saturated_cpu_us_per_poll": result.saturated_cpu_us_per_poll,
                 "raw_http_get_per_s": {k: round(v, 1) for k, v in result.raw.items()},
+                "raw_http_fastest": max(result.raw, key=result.raw.__getitem__) if result.raw else None,
                 "steps": [s.row() for s in result.steps],
             },
         }

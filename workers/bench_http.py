@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import httpx
+
+from config.loop import loop_factory
 
 CONCURRENCY = 64
 
@@ -108,14 +111,35 @@ async def httpx_rate(
         return await _drive(get, task_ids, seconds, concurrency)
 
 
-def _uvloop_runner() -> Callable[[Any], Any] | None:
+async def reader_rate(
+    base_url: str, key: str | None, task_ids: list[str], seconds: float, concurrency: int = CONCURRENCY
+) -> tuple[float, int]:
+    """The poller's own client (``HttpTaskReader``), bare: a GET and its JSON parsed, nothing else."""
+    from config.settings import load_settings
+    from provider.poll_client import HttpTaskReader
+
+    settings = load_settings({"APIMART_BASE_URL": base_url, "APIMART_API_KEY": key or ""})
+    reader = HttpTaskReader(settings, max_connections=concurrency)
     try:
-        import uvloop  # type: ignore[import-not-found, unused-ignore]  # optional: a dev dependency
-    except ImportError:
+
+        async def get(task_id: str) -> int:
+            status, raw = await reader.read(task_id)
+            json.loads(raw)
+            return status
+
+        await _drive(get, task_ids[:concurrency], 0.3, concurrency)
+        return await _drive(get, task_ids, seconds, concurrency)
+    finally:
+        await reader.aclose()
+
+
+def _uvloop_runner() -> Callable[[Any], Any] | None:
+    factory = loop_factory()
+    if factory is asyncio.new_event_loop:  # uvloop is not installed
         return None
 
     def run(coro: Any) -> Any:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(coro)
 
     return run
@@ -125,14 +149,17 @@ def raw_http_rates(
     base_url: str, key: str | None, task_ids: list[str], seconds: float, *, quick: bool = False
 ) -> dict[str, float]:
     """GET/s of each asyncio client at its best concurrency tried, one after the other, each on a fresh
-    event loop: aiohttp and httpx on asyncio's loop, and aiohttp on uvloop where uvloop is installed."""
+    event loop: aiohttp, httpx and the poller's own ``HttpTaskReader`` on asyncio's loop, and aiohttp
+    and ``HttpTaskReader`` on uvloop where uvloop is installed. The yardstick is the fastest of them."""
     runs: list[tuple[str, Callable[..., Any], Callable[[Any], Any], tuple[int, ...]]] = [
         ("aiohttp", aiohttp_rate, asyncio.run, (64,) if quick else (16, 64)),
         ("httpx", httpx_rate, asyncio.run, (4,) if quick else (4, 64)),
     ]
+    runs.append(("genline_reader", reader_rate, asyncio.run, (64,) if quick else (16, 64)))
     uv = _uvloop_runner()
     if uv is not None:
         runs.append(("aiohttp_uvloop", aiohttp_rate, uv, (64,) if quick else (16, 64)))
+        runs.append(("genline_reader_uvloop", reader_rate, uv, (64,) if quick else (16, 64)))
     out: dict[str, float] = {}
     for name, fn, run, levels in runs:
         for concurrency in levels:

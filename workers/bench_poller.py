@@ -20,7 +20,8 @@ before the step): detect lag = when the poller committed the video step as succe
 
 Then a saturation step (every job due at once, more than the poller can do) gives the most
 polls/s the poller applies, and the raw yardstick: the most GET /v1/tasks/{id} a second that
-aiohttp and httpx (asyncio) do against the same simulator, with no database and no gateway.
+the fastest asyncio client tried (aiohttp, httpx, and the poller's own ``HttpTaskReader``, on
+asyncio's loop and on uvloop) does against the same simulator, with no database and no gateway.
 N jobs at a 2 s cadence can ask for at most N/2 polls a second, so the saturation step needs
 N/2 above anything the poller does: 30,000 (15,000/s; the poller applies ~9,000-12,500/s here).
 With 12,000 (the old quick size) the step measured the demand, ~5,000/s, not the poller.
@@ -42,8 +43,9 @@ from typing import Any
 
 from sqlalchemy import Table, insert, text
 
+from config.loop import run as run_loop
 from workers.bench_http import create_tasks, raw_http_rates
-from workers.bench_profile import Spy, summarise
+from workers.bench_profile import CpuMeter, Spy, cpu_seconds, postgres_cpu_seconds, summarise
 from workers.bench_sim import SimProcess
 
 INTERVAL_S = 2.0
@@ -64,6 +66,9 @@ class StepResult:
     completions: int
     undetected: int
     on_schedule: bool
+    # CPU µs a poll in the window, per process: the poller (this process), the simulator and
+    # every PostgreSQL process (lower bounds: a backend that ended meanwhile is not counted)
+    cpu_us_per_poll: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -77,6 +82,7 @@ class PollerFigures:
     detect_lag_n: int = 0  # the N it was measured at: the capacity, or the smallest N tried
     max_polls_per_s: float = 0.0
     raw: dict[str, float] = field(default_factory=dict)
+    saturated_cpu_us_per_poll: dict[str, float] = field(default_factory=dict)
     profile: str | None = None
 
 
@@ -223,8 +229,13 @@ def _activate(rt: Any, prefix: str, n: int, t0: datetime, spread_s: float) -> No
         conn.exec_driver_sql("VACUUM ANALYZE steps")
 
 
-async def _run_window(rt: Any, warmup_s: float, window_s: float, spy: Path | None = None) -> tuple[list[float], float]:
-    """Run a fresh Poller; return the lateness of the polls applied inside the window, and its length."""
+async def _run_window(
+    rt: Any, warmup_s: float, window_s: float, sim_pid: int, spy: Path | None = None
+) -> tuple[list[float], float, CpuMeter]:
+    """Run a fresh Poller; return the lateness of the polls applied inside the window, its length
+    and the CPU the poller, the simulator and PostgreSQL used in it."""
+    import os
+
     from pipelines.poller import Poller
 
     poller = Poller(rt)
@@ -233,19 +244,22 @@ async def _run_window(rt: Any, warmup_s: float, window_s: float, spy: Path | Non
     await asyncio.sleep(warmup_s)
     first = poller.lateness_dropped + len(poller.lateness_s)  # a count that only grows (old samples are dropped)
     started = time.perf_counter()
-    if spy is not None:
-        import os
-
-        with Spy(os.getpid(), spy, rate=200):
+    me = os.getpid()
+    meter = CpuMeter(
+        poller=lambda: cpu_seconds(me), simulator=lambda: cpu_seconds(sim_pid), postgres=postgres_cpu_seconds
+    )
+    with meter:
+        if spy is not None:
+            with Spy(me, spy, rate=200):
+                await asyncio.sleep(window_s)
+        else:
             await asyncio.sleep(window_s)
-    else:
-        await asyncio.sleep(window_s)
-    last = poller.lateness_dropped + len(poller.lateness_s)
-    elapsed = time.perf_counter() - started
+        last = poller.lateness_dropped + len(poller.lateness_s)
+        elapsed = time.perf_counter() - started
     stop.set()
     await asyncio.wait_for(task, timeout=120)
     base = poller.lateness_dropped
-    return poller.lateness_s[max(0, first - base) : max(0, last - base)], elapsed
+    return poller.lateness_s[max(0, first - base) : max(0, last - base)], elapsed, meter
 
 
 def _measure_step(
@@ -283,7 +297,9 @@ def _measure_step(
         next_poll_at=[t0 + timedelta(seconds=INTERVAL_S * random.random()) for _ in estimates],
     )
     _activate(rt, "long", n - finishers, t0, spread_s)
-    lateness, elapsed = asyncio.run(_run_window(rt, warmup_s + (t0 - datetime.now(UTC)).total_seconds(), window_s, spy))
+    lateness, elapsed, cpu = run_loop(
+        _run_window(rt, warmup_s + (t0 - datetime.now(UTC)).total_seconds(), window_s, sim.pid, spy)
+    )
     stopped = time.time()
     done_at = {tid: float(sim.task(tid)["done_at"]) for tid in finisher_ids}
     with rt.db.transaction() as s:
@@ -317,6 +333,7 @@ def _measure_step(
         completions=len(lags),
         undetected=undetected,
         on_schedule=bool(lateness) and p99 <= ON_SCHEDULE_P99_S,
+        cpu_us_per_poll=cpu.per(len(lateness)),
     )
 
 
@@ -413,9 +430,11 @@ def measure_poller(
         spy = profile_dir / "poller.raw" if profile_dir else None
         sat = _measure_step(rt, sim, seeder, key, saturate_n, max(4.0, window_s * 0.5), 2, spy, spread_s=0.0)
         figures.max_polls_per_s = max(sat.polls_per_s, *(s.polls_per_s for s in figures.steps))
+        figures.saturated_cpu_us_per_poll = sat.cpu_us_per_poll
         log(
             f"  saturated (N={saturate_n}, at most {saturate_n / INTERVAL_S:.0f} due a second): "
-            f"{sat.polls_per_s:7.0f} polls/s applied"
+            f"{sat.polls_per_s:7.0f} polls/s applied; CPU a poll: "
+            + ", ".join(f"{k} {v:.0f} µs" for k, v in sat.cpu_us_per_poll.items())
         )
         if spy is not None:
             figures.profile = summarise(spy)

@@ -9,6 +9,7 @@ note; figures are never affected.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +17,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 PROJECT = {"pipelines", "provider", "storage", "tasks", "config", "cli"}
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _FRAME = re.compile(r"^(?P<fn>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -159,3 +162,54 @@ def summarise(path: Path, *, top: int = 25, focus: str | None = None) -> str:
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         print(summarise(Path(arg)))
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (all its threads); None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def postgres_cpu_seconds() -> float | None:
+    """CPU seconds of every process on this machine named ``postgres`` (the server and all its
+    backends): the database's share when it runs here, as in the benchmark."""
+    total, seen = 0.0, False
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+        except OSError:
+            continue
+        used = cpu_seconds(int(entry.name))
+        if used is not None:
+            total, seen = total + used, True
+    return total if seen else None
+
+
+class CpuMeter:
+    """CPU seconds each named process used while the ``with`` block ran; a process that ended
+    meanwhile (a PostgreSQL backend) loses its share, so the figures are lower bounds."""
+
+    def __init__(self, **readers: Any) -> None:
+        self.readers: dict[str, Any] = readers
+        self.used: dict[str, float] = {}
+        self._start: dict[str, float | None] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: read() for name, read in self.readers.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, read in self.readers.items():
+            start, end = self._start[name], read()
+            if start is not None and end is not None:
+                self.used[name] = end - start
+
+    def per(self, count: int, unit: float = 1e6) -> dict[str, float]:
+        """Each process's CPU per event (µs by default)."""
+        return {name: round(used / count * unit, 1) for name, used in self.used.items()} if count else {}
