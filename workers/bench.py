@@ -84,10 +84,25 @@ def database() -> Iterator[str]:
         yield url
 
 
-def bare_chains(n: int, broker: str, log_dir: Path) -> float:
-    """Chains/s of 4 no-op tasks through a 2-process Celery worker."""
+def _meter(**processes: Any) -> Any:
+    """CPU seconds of the given process readers, Redis, this process (the submitter) and the
+    whole machine, while the ``with`` block runs."""
+    from workers.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
+
+    me = os.getpid()
+    return CpuMeter(
+        **processes,
+        redis=lambda: named_cpu_seconds("redis-server"),
+        submitter=lambda: cpu_seconds(me),
+        machine=machine_cpu_seconds,
+    )
+
+
+def bare_chains(n: int, broker: str, log_dir: Path) -> tuple[float, Any]:
+    """Chains/s of 4 no-op tasks through a 2-process Celery worker, and the CPU they took."""
     from celery import chain
 
+    from workers.bench_profile import tree_cpu_seconds
     from workers.bench_tasks import COUNTER, QUEUE, noop
 
     r = redis.Redis.from_url(broker)
@@ -121,11 +136,13 @@ def bare_chains(n: int, broker: str, log_dir: Path) -> float:
         chain(noop.si(), noop.si(), noop.si(), noop.si(last=True)).apply_async()
         _wait(lambda: int(r.get(COUNTER) or 0) >= 1, 60, "the bare worker to start")
         r.delete(COUNTER)
-        started = time.perf_counter()
-        for _ in range(n):
-            chain(noop.si(), noop.si(), noop.si(), noop.si(last=True)).apply_async()
-        _wait(lambda: int(r.get(COUNTER) or 0) >= n, 600, "bare chains")
-        return n / (time.perf_counter() - started)
+        with _meter(worker=lambda: tree_cpu_seconds(worker.pid)) as cpu:
+            started = time.perf_counter()
+            for _ in range(n):
+                chain(noop.si(), noop.si(), noop.si(), noop.si(last=True)).apply_async()
+            _wait(lambda: int(r.get(COUNTER) or 0) >= n, 600, "bare chains")
+            elapsed = time.perf_counter() - started
+        return n / elapsed, cpu
     finally:
         worker.terminate()
         worker.wait(15)
@@ -142,13 +159,15 @@ def genline_pipelines(
     key: str,
     profile_dir: Path | None = None,
     latency_runs: int = 20,
-) -> tuple[float, dict[str, Any]]:
-    """4-step pipelines/s through a 2-process genline worker and the poller; and the per-step overhead."""
+    sim_pid: int | None = None,
+) -> tuple[float, dict[str, Any], Any]:
+    """4-step pipelines/s through a 2-process genline worker and the poller; the per-step overhead;
+    and the CPU the pipelines took."""
     from config.settings import load_settings
     from pipelines.api import Genline
     from storage.migrate import upgrade
     from storage.models import Pipeline
-    from workers.bench_profile import Spy, summarise
+    from workers.bench_profile import Spy, cpu_seconds, named_cpu_seconds, summarise, tree_cpu_seconds
 
     env = {
         "GENLINE_VAR_DIR": str(var),
@@ -184,12 +203,18 @@ def genline_pipelines(
 
     with ProcessGroup(log_dir=var / "logs", env=env) as group, Genline(settings) as api:
         worker = group.start_worker("bench-worker", concurrency=CONCURRENCY)
-        group.start_poller("bench-poller")
+        poller = group.start_poller("bench-poller")
         api.submit(request(0, "warmup"))  # ready once one pipeline has gone through
         _wait(lambda: terminal(api) >= 1, 120, "the genline worker to start", group.check)
         run = uuid.uuid4().hex[:8]
         spy = Spy(worker.proc.pid, profile_dir / "worker.raw", subprocesses=True, idle=True) if profile_dir else None
-        with spy or contextlib.nullcontext():
+        cpu = _meter(
+            worker=lambda: tree_cpu_seconds(worker.proc.pid),
+            poller=lambda: tree_cpu_seconds(poller.proc.pid),
+            simulator=lambda: None if sim_pid is None else cpu_seconds(sim_pid),
+            postgres=lambda: named_cpu_seconds("postgres"),
+        )
+        with spy or contextlib.nullcontext(), cpu:
             started = time.perf_counter()
             for i in range(n):
                 api.submit(request(i, run))
@@ -209,7 +234,7 @@ def genline_pipelines(
         overhead["under_load_step_latency_p95_ms"] = under_load["step_overhead_p95_ms"]
     if profile_dir:
         overhead["profile"] = summarise(profile_dir / "worker.raw", focus="run_step")
-    return n / elapsed, overhead
+    return n / elapsed, overhead, cpu
 
 
 def step_overhead(rt: Any, key_pattern: str) -> dict[str, Any]:
@@ -260,6 +285,13 @@ def step_overhead(rt: Any, key_pattern: str) -> dict[str, Any]:
     }
 
 
+def _cpu_line(cpu: Any, n: int, what: str) -> str:
+    per = cpu.per(n, 1e3)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in per.items() if k != "machine")
+    busy = cpu.busy_share()
+    return f"CPU ms a {what}: {parts}; all {per.get('machine', math.nan):.1f} (cores {busy:.0%} busy)" if busy else ""
+
+
 def section_pipelines(
     figures: dict[str, Any], args: argparse.Namespace, var: Path, broker: str, profile_dir: Path | None
 ) -> None:
@@ -277,19 +309,34 @@ def section_pipelines(
             f"(Redis + PostgreSQL, {CONCURRENCY} worker processes each)",
             flush=True,
         )
-        chains_per_s = bare_chains(n, broker, var / "logs")
-        print(f"  bare_celery_chain_per_s  {chains_per_s:8.1f}", flush=True)
+        chains_per_s, chain_cpu = bare_chains(n, broker, var / "logs")
+        print(f"  bare_celery_chain_per_s  {chains_per_s:8.1f}   {_cpu_line(chain_cpu, n, 'chain')}", flush=True)
         redis.Redis.from_url(broker).flushdb()
-        pipelines_per_s, overhead = genline_pipelines(
-            n, broker, db_url, var, sim.base_url, key, profile_dir, latency_runs=10 if args.quick else 40
+        pipelines_per_s, overhead, pipeline_cpu = genline_pipelines(
+            n,
+            broker,
+            db_url,
+            var,
+            sim.base_url,
+            key,
+            profile_dir,
+            latency_runs=10 if args.quick else 40,
+            sim_pid=sim.pid,
         )
-        print(f"  pipelines_per_s          {pipelines_per_s:8.1f}", flush=True)
+        print(
+            f"  pipelines_per_s          {pipelines_per_s:8.1f}   {_cpu_line(pipeline_cpu, n, 'pipeline')}", flush=True
+        )
     figures.update(
         {
             "pipelines_per_s": round(pipelines_per_s, 2),
             "bare_celery_chain_per_s": round(chains_per_s, 2),
             "pipeline_vs_bare_chain": round(pipelines_per_s / chains_per_s, 3),
             "pipelines": n,
+            # CPU ms per pipeline / per bare chain, by process ("machine": every core's busy time),
+            # and how busy the machine's cores were on average while they ran
+            "cpu_ms_per_pipeline": pipeline_cpu.per(n, 1e3),
+            "cpu_ms_per_bare_chain": chain_cpu.per(n, 1e3),
+            "machine_busy_share": {"pipelines": pipeline_cpu.busy_share(), "bare_chains": chain_cpu.busy_share()},
             "step_overhead_p95_ms": round(overhead["step_overhead_p95_ms"], 1),
             "step_overhead": {
                 k: (round(v, 1) if isinstance(v, float) else v)

@@ -45,7 +45,7 @@ from sqlalchemy import Table, insert, text
 
 from config.loop import run as run_loop
 from workers.bench_http import create_tasks, raw_http_rates
-from workers.bench_profile import CpuMeter, Spy, cpu_seconds, postgres_cpu_seconds, summarise
+from workers.bench_profile import CpuMeter, Spy, cpu_seconds, named_cpu_seconds, summarise
 from workers.bench_sim import SimProcess
 
 INTERVAL_S = 2.0
@@ -246,7 +246,9 @@ async def _run_window(
     started = time.perf_counter()
     me = os.getpid()
     meter = CpuMeter(
-        poller=lambda: cpu_seconds(me), simulator=lambda: cpu_seconds(sim_pid), postgres=postgres_cpu_seconds
+        poller=lambda: cpu_seconds(me),
+        simulator=lambda: cpu_seconds(sim_pid),
+        postgres=lambda: named_cpu_seconds("postgres"),
     )
     with meter:
         if spy is not None:

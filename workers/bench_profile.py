@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from types import TracebackType
@@ -173,22 +174,51 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def postgres_cpu_seconds() -> float | None:
-    """CPU seconds of every process on this machine named ``postgres`` (the server and all its
-    backends): the database's share when it runs here, as in the benchmark."""
-    total, seen = 0.0, False
+def _processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, name) of every process on this machine; empty off Linux."""
+    out = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "comm").read_text().strip() != "postgres":
-                continue
-        except OSError:
+            head, _, rest = (entry / "stat").read_text().rpartition(")")
+            out.append((int(entry.name), int(rest.split()[1]), head.split("(", 1)[1]))
+        except (OSError, IndexError, ValueError):
             continue
-        used = cpu_seconds(int(entry.name))
-        if used is not None:
-            total, seen = total + used, True
-    return total if seen else None
+    return out
+
+
+def _sum_cpu(pids: list[int]) -> float | None:
+    used = [c for c in map(cpu_seconds, pids) if c is not None]
+    return sum(used) if used else None
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and every process below it (a Celery worker and its pool)."""
+    children: dict[int, list[int]] = {}
+    for child, parent, _ in _processes():
+        children.setdefault(parent, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return _sum_cpu(tree)
+
+
+def named_cpu_seconds(name: str) -> float | None:
+    """CPU seconds of every process on this machine with this name (``postgres``: the server and
+    all its backends; ``redis-server``)."""
+    return _sum_cpu([pid for pid, _, comm in _processes() if comm == name])
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every core of this machine has been busy (not idle, not waiting on I/O)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _TICKS
 
 
 class CpuMeter:
@@ -198,17 +228,26 @@ class CpuMeter:
     def __init__(self, **readers: Any) -> None:
         self.readers: dict[str, Any] = readers
         self.used: dict[str, float] = {}
+        self.elapsed_s = 0.0
         self._start: dict[str, float | None] = {}
+        self._started = 0.0
 
     def __enter__(self) -> CpuMeter:
         self._start = {name: read() for name, read in self.readers.items()}
+        self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.elapsed_s = time.perf_counter() - self._started
         for name, read in self.readers.items():
             start, end = self._start[name], read()
             if start is not None and end is not None:
                 self.used[name] = end - start
+
+    def busy_share(self, name: str = "machine") -> float | None:
+        """How busy the cores were on average: ``name``'s CPU seconds ÷ (elapsed × cores)."""
+        used, cores = self.used.get(name), os.cpu_count() or 1
+        return round(used / (self.elapsed_s * cores), 3) if used is not None and self.elapsed_s else None
 
     def per(self, count: int, unit: float = 1e6) -> dict[str, float]:
         """Each process's CPU per event (µs by default)."""
