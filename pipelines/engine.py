@@ -72,7 +72,7 @@ def apply_effects(rt: Runtime, effects: Effects) -> None:
 # --- transitions (called inside a transaction) -----------------------------------------------------
 def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
     """Finish ``step`` with ``output`` (ORM objects; the poller's path) and queue the next step,
-    or end the pipeline. The next step and the image's links come from one load of the siblings."""
+    or end the pipeline. The next step comes from one load of the siblings."""
     effects = Effects()
     if step.status in STEP_TERMINAL:
         return effects
@@ -88,8 +88,7 @@ def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
     nxt = next((x for x in siblings if x.position == step.position + 1), None)
     if nxt is not None:
         if nxt.status == StepStatus.PENDING:
-            image = next((x.output for x in siblings if x.kind == StepKind.IMAGE), None)
-            nxt.deadline_at = earliest_expiry(output, image)
+            nxt.deadline_at = earliest_expiry(output)
             nxt.status = StepStatus.QUEUED
             effects.nudges.append((nxt.id, queue_for(nxt.kind, pipeline.priority)))
         return effects
@@ -101,10 +100,12 @@ def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
     return effects
 
 
-def earliest_expiry(output: dict[str, Any], image_output: dict[str, Any] | None) -> datetime | None:
-    """The earliest expiry among the provider links the rest of the pipeline still has to copy:
-    this step's and the image step's."""
-    assets = list(output.get("assets", [])) + list((image_output or {}).get("assets", []))
+def earliest_expiry(output: dict[str, Any]) -> datetime | None:
+    """When the first of this step's provider links runs out: the deadline of the copy step
+    after it (the video's links, for the store step). The image's links do not set it: the video
+    step copies the image as it starts, and an image whose link runs out anyway costs the image
+    (reported), never the video, so its expiry must not cut the video's copy short."""
+    assets = list(output.get("assets", []))
     times = [datetime.fromisoformat(a["expires_at"]) for a in assets if a.get("expires_at")]
     return min(times) if times else None
 
@@ -364,7 +365,7 @@ def _complete(rt: Runtime, claim: Claim, done: Done, hold: AuditHold) -> Effects
             return effects
         if claim.next_step_id is not None:
             assert claim.next_kind is not None
-            deadline = earliest_expiry(done.output, ctx.outputs.get(StepKind.IMAGE))
+            deadline = earliest_expiry(done.output)
             queued = conn.execute(
                 _NEXT_QUEUED,
                 {"b_id": claim.next_step_id, "b_pipeline": ctx.pipeline_id, "b_deadline": deadline, "b_now": now},

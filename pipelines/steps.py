@@ -10,8 +10,9 @@ provider's task_id is committed before anything else happens with it.
 
 A step may also have a ``prepare`` hook (``PREPARE``): it runs inside the engine's claiming
 transaction, so what it reads or writes costs no transaction of its own — the media steps record
-their first intent there (committed before the submit, as invariant 2 asks), the copy step reads
-what an earlier run already stored. A ``Done`` may carry ``write``: rows committed in the same
+their first intent there (committed before the submit, as invariant 2 asks), the store step reads
+what is stored already. The video step copies the image first (``store_image_early``): its link
+was made first and runs out first. A ``Done`` may carry ``write``: rows committed in the same
 transaction as the step's completion.
 """
 
@@ -24,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, case, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from config.catalog import Profile
@@ -39,6 +41,7 @@ from config.errors import (
     ProviderUnavailable,
     RateLimited,
     ResultExpired,
+    StorageError,
 )
 from config.logging import get_logger
 from pipelines.audit import current_hold, write_audit
@@ -49,6 +52,7 @@ from provider.gateway import CallContext
 from provider.wire import SubmitResult
 from storage.db import wake_poller
 from storage.models import ProviderJob, Step, StoredObject, new_id
+from storage.objects import StoredObjectInfo
 
 log = get_logger("genline.steps")
 JOBS = cast(Table, ProviderJob.__table__)
@@ -166,6 +170,11 @@ def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
 
 
 def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
+    try:
+        store_image_early(rt, ctx)
+    except Exception:
+        _forget_new_intent(rt, ctx)  # nothing was sent under it: no job of unknown outcome to report
+        raise
     image = ctx.outputs.get("image", {}).get("assets", [{}])[0].get("url")
     prompt = f"Slow cinematic reveal of the product. {_headline(ctx)}"
 
@@ -183,6 +192,33 @@ def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
 
     models, units = media_plan(ctx)
     return start_provider_job(rt, ctx, "video", models, payload, units)
+
+
+def store_image_early(rt: Runtime, ctx: StepContext) -> None:
+    """Copy the image into our storage now, while its link is fresh: the video may render for
+    minutes, and the image's link, made first, runs out first. Best effort: if the copy fails,
+    the store step copies the image later (or reports its link expired) and the video goes on.
+    The row is committed on its own; a run after a crash finds it and copies nothing again."""
+    asset = (ctx.outputs.get(StepKind.IMAGE) or {}).get("assets", [{}])[0]
+    if not asset.get("url"):
+        return
+    key = _wanted(ctx)[StepKind.IMAGE]
+    if not ctx.first_run:  # an earlier run may have stored it already
+        with rt.db.transaction() as s:
+            if s.connection().execute(_STORED_BY_KEY, {"keys": [key]}).first() is not None:
+                return
+    expires = _parse_time(asset.get("expires_at"))
+    try:
+        info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type="image")
+    except StorageError as err:
+        log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, code=err.code)
+        return
+    row = _stored_row(ctx, StepKind.IMAGE, info, expires)
+    try:
+        with rt.db.transaction() as s:
+            s.connection().execute(_INSERT_STORED, [row])
+    except IntegrityError:  # the key's row exists: stored by a run before this one, same bytes
+        log.info("image_already_stored", step_id=ctx.step_id, key=key)
 
 
 def media_plan(ctx: StepContext) -> tuple[list[str], float]:
@@ -449,17 +485,17 @@ _INSERT_STORED = insert(STORED)
 
 
 def prepare_store(s: Session, rt: Runtime, ctx: StepContext) -> dict[str, dict[str, Any]]:
-    """In the claiming transaction: what an earlier run of this step has stored already."""
-    if ctx.first_run:
-        return {}
+    """In the claiming transaction: what is stored already (the image, by the video step, and
+    whatever an earlier run of this step stored)."""
     rows = s.connection().execute(_STORED_BY_KEY, {"keys": list(_wanted(ctx).values())}).all()
     return {row.kind: _stored(row._mapping) for row in rows}
 
 
 def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
-    """Copy the video (and the image) into our storage before the provider's links expire. The
-    rows recording the copies are committed with the step's completion: the pipeline completes
-    only once they are, and a run that fails before then copies again (to the same keys)."""
+    """Copy the video (and the image, unless the video step stored it already) into our storage
+    before the provider's links expire. The rows recording the copies are committed with the
+    step's completion: the pipeline completes only once they are, and a run that fails before
+    then copies again (to the same keys)."""
     wanted = _wanted(ctx)
     if isinstance(ctx.prepared, dict):
         done = dict(ctx.prepared)
@@ -482,20 +518,7 @@ def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
             log.error("image_link_expired", alert=True, step_id=ctx.step_id, pipeline_id=ctx.pipeline_id)
             done[kind] = {"expired": True, "error_code": err.code, "message": err.message}
             continue
-        rows.append(
-            {
-                "id": new_id("obj"),
-                "pipeline_id": ctx.pipeline_id,
-                "step_id": ctx.step_id,
-                "kind": kind,
-                "key": info.key,
-                "location": info.location,
-                "size": info.size,
-                "sha256": info.sha256,
-                "content_type": info.content_type,
-                "source_expires_at": expires,
-            }
-        )
+        rows.append(_stored_row(ctx, kind, info, expires))
     done.update({row["kind"]: _stored(row) for row in rows})
     if not rows:
         return Done(done)
@@ -504,6 +527,21 @@ def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
         s.connection().execute(_INSERT_STORED, rows)
 
     return Done(done, write=write)
+
+
+def _stored_row(ctx: StepContext, kind: str, info: StoredObjectInfo, expires: datetime | None) -> dict[str, Any]:
+    return {
+        "id": new_id("obj"),
+        "pipeline_id": ctx.pipeline_id,
+        "step_id": ctx.step_id,
+        "kind": kind,
+        "key": info.key,
+        "location": info.location,
+        "size": info.size,
+        "sha256": info.sha256,
+        "content_type": info.content_type,
+        "source_expires_at": expires,
+    }
 
 
 def _stored(row: Mapping[Any, Any]) -> dict[str, Any]:

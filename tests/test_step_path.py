@@ -14,7 +14,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,9 @@ def counting_commits(rt: Runtime) -> Iterator[list[int]]:
 
 
 # --- the cost of a step -------------------------------------------------------------------------------
-def test_every_step_costs_the_worker_two_transactions(rt: Runtime, request_fields: RequestFn) -> None:
+def test_every_step_costs_the_worker_two_transactions_and_the_video_step_one_more_for_the_image(
+    rt: Runtime, request_fields: RequestFn
+) -> None:
     api = Genline(runtime=rt)
     pid = api.submit(request_fields(image="https://images.example.com/mug.png")).pipeline_id
     per_kind: dict[str, int] = {}
@@ -136,8 +138,10 @@ def test_every_step_costs_the_worker_two_transactions(rt: Runtime, request_field
         loop.run_until_complete(poller.aclose())
         loop.close()
     assert api.status(pid)["status"] == "succeeded"
-    # claim (+ intent / stored-already read) and completion (+ audit row / stored objects / task_id)
-    assert per_kind == {"copy": 2, "image": 2, "video": 2, "store": 2}
+    # claim (+ intent / stored-already read) and completion (+ audit row / stored objects / task_id);
+    # the video step also records the image it copied as it started, in a transaction of its own
+    # (so the copy is on record even if the video's submit then fails)
+    assert per_kind == {"copy": 2, "image": 2, "video": 3, "store": 2}
 
 
 # --- invariant 2: intent before the submit, task_id right after it ----------------------------------
@@ -268,8 +272,9 @@ def test_stored_objects_are_recorded_with_the_completion_or_not_at_all(rt: Runti
     with failing_once(rt, "UPDATE pipelines SET status=?") as failed:
         run_step(rt, store_step)
     assert failed
-    with rt.db.transaction() as s:
-        assert s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).all() == []
+    with rt.db.transaction() as s:  # only the image, which the video step stored on its own
+        kept = s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).all()
+    assert [(o.kind, o.step_id) for o in kept] == [("image", step_row(rt, pid, "video").id)]
     assert step_row(rt, pid, "store").status == StepStatus.QUEUED
     run_step(rt, store_step)  # copies again, to the same keys
     status = api.status(pid)
@@ -280,17 +285,24 @@ def test_stored_objects_are_recorded_with_the_completion_or_not_at_all(rt: Runti
     assert Path(status["video"]["location"]).read_bytes()[4:8] == b"ftyp"
 
 
-def test_a_copy_waits_for_the_earliest_link_of_its_pipeline(rt: Runtime, request_fields: RequestFn) -> None:
+def test_a_copy_is_due_before_the_video_link_runs_out_not_the_image_link_stored_already(
+    rt: Runtime, request_fields: RequestFn
+) -> None:
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
+    video_step = run_until(rt, "video")
+    with rt.db.transaction() as s:  # the image was made first, so its link runs out first
+        image = s.scalars(select(Step).where(Step.pipeline_id == pid, Step.kind == "image")).one()
+        image_expiry = utcnow() + timedelta(minutes=5)
+        image.output = {
+            **image.output,
+            "assets": [{**image.output["assets"][0], "expires_at": image_expiry.isoformat()}],
+        }
+    run_step(rt, video_step)
     run_until(rt, "store")
-    expiries = [
-        datetime.fromisoformat(asset["expires_at"])
-        for kind in ("image", "video")
-        for asset in (step_row(rt, pid, kind).output or {})["assets"]
-    ]
-    assert len(expiries) == 2
-    assert step_row(rt, pid, "store").deadline_at == min(expiries)
+    video_expiry = datetime.fromisoformat((step_row(rt, pid, "video").output or {})["assets"][0]["expires_at"])
+    assert image_expiry < video_expiry
+    assert step_row(rt, pid, "store").deadline_at == video_expiry
 
 
 # --- claims and cancels -------------------------------------------------------------------------------
@@ -436,6 +448,70 @@ def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_v
     with rt.db.transaction() as s:
         kinds = s.scalars(select(StoredObject.kind).where(StoredObject.pipeline_id == accepted.pipeline_id)).all()
     assert kinds == ["video"]
+
+
+def test_the_video_step_stores_the_image_as_it_starts_so_a_link_that_runs_out_later_costs_nothing(
+    rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.steps as steps
+    from config.errors import ResultExpired
+
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    video_step = run_until(rt, "video")
+    image_url = step_row(rt, pid, "image").output["assets"][0]["url"]
+    run_step(rt, video_step)  # stores the image, then submits the video
+    with rt.db.transaction() as s:
+        image = s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).one()
+    assert (image.kind, image.step_id) == ("image", video_step)
+    assert Path(image.location).read_bytes() == httpx.get(image_url).content
+
+    real_copy = steps.copy_url_to_store
+    copied: list[str] = []
+
+    def image_link_gone(*args: Any, **kwargs: Any) -> Any:  # the image's link has run out by now
+        copied.append(kwargs["expect_type"])
+        if kwargs["expect_type"] == "image":
+            raise ResultExpired("The provider's result link expired before it could be copied.")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "copy_url_to_store", image_link_gone)
+    drain(rt)
+    status = api.status(pid)
+    assert status["status"] == "succeeded", status
+    assert status["image"]["key"] == image.key and "expired" not in status["image"]
+    assert copied == ["video"]  # the store step copied only the video
+    # the store step's deadline is the video's link, not the image's (made earlier, gone earlier)
+    video_expiry = datetime.fromisoformat(step_row(rt, pid, "video").output["assets"][0]["expires_at"])
+    assert step_row(rt, pid, "store").deadline_at == video_expiry
+
+
+def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
+    rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.steps as steps
+    from config.errors import RetryableStorageError
+
+    real_copy = steps.copy_url_to_store
+    failures: list[str] = []
+
+    def storage_hiccup_once(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["expect_type"] == "image" and not failures:
+            failures.append("image")
+            raise RetryableStorageError("The storage service did not answer.")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "copy_url_to_store", storage_hiccup_once)
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    status = api.status(pid)
+    assert status["status"] == "succeeded", status
+    assert failures == ["image"]
+    with rt.db.transaction() as s:
+        rows = {o.kind: o.step_id for o in s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid))}
+    assert rows == {"image": step_row(rt, pid, "store").id, "video": step_row(rt, pid, "store").id}
+    assert Path(status["image"]["location"]).exists()
 
 
 def test_a_video_link_that_ran_out_still_fails_the_pipeline_plainly(
