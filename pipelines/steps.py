@@ -11,9 +11,9 @@ provider's task_id is committed before anything else happens with it.
 A step may also have a ``prepare`` hook (``PREPARE``): it runs inside the engine's claiming
 transaction, so what it reads or writes costs no transaction of its own — the media steps record
 their first intent there (committed before the submit, as invariant 2 asks), the store step reads
-what is stored already. The video step copies the image first (``store_image_early``): its link
-was made first and runs out first. A ``Done`` may carry ``write``: rows committed in the same
-transaction as the step's completion.
+what is stored already. The video step copies the image once the video is submitted
+(``store_image_early``): the image's link was made first and runs out first. A ``Done`` may
+carry ``write``: rows committed in the same transaction as the step's completion.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, case, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from config.catalog import Profile
@@ -170,11 +170,6 @@ def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
 
 
 def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
-    try:
-        store_image_early(rt, ctx)
-    except Exception:
-        _forget_new_intent(rt, ctx)  # nothing was sent under it: no job of unknown outcome to report
-        raise
     image = ctx.outputs.get("image", {}).get("assets", [{}])[0].get("url")
     prompt = f"Slow cinematic reveal of the product. {_headline(ctx)}"
 
@@ -191,14 +186,26 @@ def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
         return body
 
     models, units = media_plan(ctx)
-    return start_provider_job(rt, ctx, "video", models, payload, units)
+    outcome = start_provider_job(rt, ctx, "video", models, payload, units)
+    if isinstance(outcome, Waiting):  # the video is with the provider: copy the image meanwhile
+        store_image_early(rt, ctx)
+    return outcome
 
 
 def store_image_early(rt: Runtime, ctx: StepContext) -> None:
-    """Copy the image into our storage now, while its link is fresh: the video may render for
-    minutes, and the image's link, made first, runs out first. Best effort: if the copy fails,
-    the store step copies the image later (or reports its link expired) and the video goes on.
-    The row is committed on its own; a run after a crash finds it and copies nothing again."""
+    """Copy the image into our storage while the video renders: the render may take minutes, and
+    the image's link, made first, runs out first. Best effort, and it never raises: the video's
+    job is the poller's by now. If the copy fails, the store step copies the image (or reports
+    its link expired); if the store step gets there first (a video done at once), the copy here
+    is harmless (same key, same bytes) and its row is skipped. The row is committed on its own;
+    a run after a crash finds it and copies nothing again."""
+    try:
+        _store_image(rt, ctx)
+    except Exception as exc:  # noqa: BLE001  # the step has handed its job on: nothing here may undo that
+        log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, error=repr(exc)[:200])
+
+
+def _store_image(rt: Runtime, ctx: StepContext) -> None:
     asset = (ctx.outputs.get(StepKind.IMAGE) or {}).get("assets", [{}])[0]
     if not asset.get("url"):
         return
@@ -213,12 +220,8 @@ def store_image_early(rt: Runtime, ctx: StepContext) -> None:
     except StorageError as err:
         log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, code=err.code)
         return
-    row = _stored_row(ctx, StepKind.IMAGE, info, expires)
-    try:
-        with rt.db.transaction() as s:
-            s.connection().execute(_INSERT_STORED, [row])
-    except IntegrityError:  # the key's row exists: stored by a run before this one, same bytes
-        log.info("image_already_stored", step_id=ctx.step_id, key=key)
+    with rt.db.transaction() as s:
+        _insert_stored(s, [_stored_row(ctx, StepKind.IMAGE, info, expires)])
 
 
 def media_plan(ctx: StepContext) -> tuple[list[str], float]:
@@ -481,7 +484,18 @@ def _wanted(ctx: StepContext) -> dict[str, str]:
 _STORED_BY_KEY = select(
     STORED.c.kind, STORED.c.key, STORED.c.location, STORED.c.size, STORED.c.sha256, STORED.c.content_type
 ).where(STORED.c.key.in_(bindparam("keys", expanding=True)))
-_INSERT_STORED = insert(STORED)
+# A stored object's key is unique. The video step's early image copy and the store step may both
+# copy the image (a video done at once); the same key holds the same bytes, so the second row is
+# skipped, not an error.
+_INSERT_STORED = {
+    "postgresql": postgresql.insert(STORED).on_conflict_do_nothing(index_elements=[STORED.c.key]),
+    "sqlite": sqlite.insert(STORED).on_conflict_do_nothing(index_elements=[STORED.c.key]),
+}
+
+
+def _insert_stored(s: Session, rows: list[dict[str, Any]]) -> None:
+    conn = s.connection()
+    conn.execute(_INSERT_STORED[conn.dialect.name], rows)
 
 
 def prepare_store(s: Session, rt: Runtime, ctx: StepContext) -> dict[str, dict[str, Any]]:
@@ -524,7 +538,7 @@ def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
         return Done(done)
 
     def write(s: Session) -> None:
-        s.connection().execute(_INSERT_STORED, rows)
+        _insert_stored(s, rows)
 
     return Done(done, write=write)
 

@@ -450,7 +450,7 @@ def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_v
     assert kinds == ["video"]
 
 
-def test_the_video_step_stores_the_image_as_it_starts_so_a_link_that_runs_out_later_costs_nothing(
+def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_runs_out_later_costs_nothing(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pipelines.steps as steps
@@ -460,7 +460,7 @@ def test_the_video_step_stores_the_image_as_it_starts_so_a_link_that_runs_out_la
     pid = api.submit(request_fields()).pipeline_id
     video_step = run_until(rt, "video")
     image_url = step_row(rt, pid, "image").output["assets"][0]["url"]
-    run_step(rt, video_step)  # stores the image, then submits the video
+    run_step(rt, video_step)  # submits the video, then stores the image
     with rt.db.transaction() as s:
         image = s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).one()
     assert (image.kind, image.step_id) == ("image", video_step)
@@ -512,6 +512,36 @@ def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
         rows = {o.kind: o.step_id for o in s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid))}
     assert rows == {"image": step_row(rt, pid, "store").id, "video": step_row(rt, pid, "store").id}
     assert Path(status["image"]["location"]).exists()
+
+
+def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_store_step_nothing(
+    rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.steps as steps
+
+    # A video done at once: the store step starts before the video step's image copy has landed,
+    # finds no image stored, copies it too, and the early copy's row commits meanwhile.
+    early, real_copy = steps.store_image_early, steps.copy_url_to_store
+    held: list[Any] = []
+
+    def store_steps_copy(*args: Any, **kwargs: Any) -> Any:
+        info = real_copy(*args, **kwargs)
+        if kwargs["expect_type"] == "image" and held:
+            early(rt, held.pop())  # the video step's copy lands now, its row committed
+        return info
+
+    monkeypatch.setattr(steps, "store_image_early", lambda rt_, ctx: held.append(ctx))
+    monkeypatch.setattr(steps, "copy_url_to_store", store_steps_copy)
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    drain(rt)
+    assert api.status(pid)["status"] == "succeeded" and not held
+    video, store = step_row(rt, pid, "video"), step_row(rt, pid, "store")
+    assert store.attempts == 1  # its completion did not trip over the image's row
+    with rt.db.transaction() as s:
+        rows = [(o.kind, o.step_id) for o in s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid))]
+    assert sorted(rows) == [("image", video.id), ("video", store.id)]
+    assert Path(api.status(pid)["image"]["location"]).exists()
 
 
 def test_a_video_link_that_ran_out_still_fails_the_pipeline_plainly(
