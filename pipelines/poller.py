@@ -510,12 +510,16 @@ class Poller:
     async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 5.0, idle_s: float = 0.25) -> None:
         """Rounds overlap: while one round's answers are being written, the next is claimed and
         polled (its jobs are leased, so the two never touch the same rows). Behind schedule (a
-        claim came back full), the round after is claimed while this one's reads are in flight,
-        so the provider is never left waiting on a claim."""
+        claim came back full, its earliest job a quarter of the cadence late), the round after is
+        claimed while this one's reads are in flight, so the provider is never left waiting on a
+        claim."""
         log.info("poller_started", owner=self.owner, interval_s=self.settings.poll_interval_s)
         last_sweep = 0.0
         writing: asyncio.Task[None] | None = None
         ahead: asyncio.Task[list[Claimed]] | None = None  # the next round's claim, taken early
+        # Behind means a full claim whose earliest job is this late. On schedule, claiming early
+        # would only leave the jobs that fall due during this round's reads for the round after next.
+        behind_s = self.settings.poll_interval_s / 4
         doorbell = Doorbell(self.rt.db.url) if self.rt.db.is_postgres else None
         if doorbell is not None:
             doorbell.start()
@@ -528,7 +532,7 @@ class Poller:
                     else:
                         claimed = await asyncio.to_thread(self.claim)
                     count = len(claimed)
-                    if count >= self.settings.poller_batch:
+                    if count >= self.settings.poller_batch and time.time() - claimed[0].due_s > behind_s:
                         ahead = asyncio.create_task(asyncio.to_thread(self.claim))
                     answers = await self.poll(claimed) if claimed else []
                     records = self.audit.drain()

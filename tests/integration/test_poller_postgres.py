@@ -59,8 +59,11 @@ def _submit(rt: Runtime, sim: SimulatorHandle, n: int, *, seconds: float, prefix
     return asyncio.run(create_tasks(sim.base_url, TEST_KEY, n, model=model, prefix=prefix))
 
 
-def _seed(rt: Runtime, task_ids: list[str], *, prefix: str, status: str = "processing") -> list[str]:
-    """One pipeline per task: copy and image done, video waiting on the job, store pending. All due now."""
+def _seed(
+    rt: Runtime, task_ids: list[str], *, prefix: str, status: str = "processing", due_ago_s: float = 1.0
+) -> list[str]:
+    """One pipeline per task: copy and image done, video waiting on the job, store pending. All due
+    ``due_ago_s`` ago."""
     model = rt.catalog.profiles["standard"].video_models[0]
     now = datetime.now(UTC)
     with rt.db.transaction() as s:
@@ -105,7 +108,7 @@ def _seed(rt: Runtime, task_ids: list[str], *, prefix: str, status: str = "proce
                     status=status,
                     units=6.0,
                     submitted_at=now - timedelta(seconds=SUBMITTED_AGO_S),
-                    next_poll_at=now - timedelta(seconds=1),
+                    next_poll_at=now - timedelta(seconds=due_ago_s),
                 )
             )
     return [f"job_{prefix}{i}" for i in range(len(task_ids))]
@@ -274,12 +277,15 @@ def test_the_running_poller_on_postgres_sees_jobs_through_to_their_end(pg_rt: Ru
     assert all(j.lease_until is None for j in jobs.values())
 
 
+# on time: 3 rounds of ~0.06 s, so the last claim's earliest job is well under the 0.5 s mark
+@pytest.mark.parametrize(("due_ago_s", "jobs", "behind"), [(1.0, 30, True), (0.0, 12, False)])
 def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no_job_is_read_twice(
-    pg_rt: Runtime, sim: SimulatorHandle
+    pg_rt: Runtime, sim: SimulatorHandle, due_ago_s: float, jobs: int, behind: bool
 ) -> None:
     rt = pg_rt
-    rt.settings = rt.settings.with_overrides(poller_batch=4)  # 30 due jobs: every claim comes back full
-    job_ids = _seed(rt, _submit(rt, sim, 30, seconds=LONG_S, prefix="ahead"), prefix="ahead")
+    rt.settings = rt.settings.with_overrides(poller_batch=4)  # more due jobs than that: claims come back full
+    tasks = _submit(rt, sim, jobs, seconds=LONG_S, prefix="ahead")
+    job_ids = _seed(rt, tasks, prefix="ahead", due_ago_s=due_ago_s)
     poller = Poller(rt)
     reading = False
     claims_during_reads = 0
@@ -317,7 +323,10 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
     assert {j: jobs[j].polls for j in job_ids} == {j: 1 for j in job_ids}
     assert all(j.lease_until is None for j in jobs.values())
     assert len(_polls_audited(rt)) == len(job_ids)
-    assert claims_during_reads >= 3  # rounds overlapped: claims were taken while reads were in flight
+    if behind:  # a second late (half a cadence): rounds overlap, claims taken while reads are in flight
+        assert claims_during_reads >= 3
+    else:  # on time: each round is claimed when the last one's reads are done, so none is held back
+        assert claims_during_reads == 0
 
 
 # --- the HTTP/1.1 reader ---------------------------------------------------------------------------
