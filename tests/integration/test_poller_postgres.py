@@ -329,6 +329,40 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
         assert claims_during_reads == 0
 
 
+def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> None:
+    from decimal import Decimal
+    from zoneinfo import ZoneInfo
+
+    from pipelines.audit import write_audit, write_audit_many
+    from provider.gateway import CallContext, CallRecord
+
+    def records(pipeline_id: str) -> list[CallRecord]:
+        ctx = CallContext("user-1", "listing", pipeline_id, "st_x", "wan-2.7-image")
+        bare = CallContext(pipeline_id=pipeline_id)  # every other field NULL
+        at = datetime(2026, 11, 27, 8, 0, 1, 123456, tzinfo=UTC)
+        berlin = datetime(2026, 11, 27, 9, 0, 2, tzinfo=ZoneInfo("Europe/Berlin"))  # not UTC: converted
+        return [
+            CallRecord(ctx, "poll", at, latency_ms=1.25, status_code=200, request_id="req_1"),
+            CallRecord(ctx, "poll", berlin, status_code=503, error_code="provider_unavailable"),
+            CallRecord(ctx, "poll", at, status_code=200, units=5.0, cost_usd=Decimal("0.123456")),
+            CallRecord(bare, "chat", at, prompt_tokens=12, completion_tokens=34, cost_usd=Decimal("0.000017")),
+        ]
+
+    with pg_rt.db.transaction() as s:
+        write_audit(s, records("pl_insert"))
+        write_audit_many(s, records("pl_copy"))
+    columns = [c.key for c in ProviderCall.__table__.columns if c.key not in ("id", "pipeline_id")]
+    with pg_rt.db.transaction() as s:
+        rows = s.scalars(select(ProviderCall).order_by(ProviderCall.id)).all()
+        by = {
+            p: [tuple(getattr(r, c) for c in columns) for r in rows if r.pipeline_id == p]
+            for p in ("pl_insert", "pl_copy")
+        }
+    assert len(by["pl_insert"]) == 4
+    assert by["pl_copy"] == by["pl_insert"]
+    assert by["pl_copy"][1][0] == datetime(2026, 11, 27, 8, 0, 2, tzinfo=UTC)  # ts, back in UTC
+
+
 # --- the HTTP/1.1 reader ---------------------------------------------------------------------------
 Reply = Callable[[str, int], Awaitable[tuple[bytes, bool]]]  # (path, nth request on this connection) -> (bytes, close?)
 
