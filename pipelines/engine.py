@@ -103,8 +103,8 @@ def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
 def earliest_expiry(output: dict[str, Any]) -> datetime | None:
     """When the first of this step's provider links runs out: the deadline of the copy step
     after it (the video's links, for the store step). The image's links do not set it: the video
-    step copies the image as it starts, and an image whose link runs out anyway costs the image
-    (reported), never the video, so its expiry must not cut the video's copy short."""
+    step copies the image once the video is submitted, and an image whose link runs out anyway
+    costs the image (reported), never the video, so its expiry must not cut the video's copy short."""
     assets = list(output.get("assets", []))
     times = [datetime.fromisoformat(a["expires_at"]) for a in assets if a.get("expires_at")]
     return min(times) if times else None

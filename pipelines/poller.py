@@ -287,6 +287,12 @@ class Poller:
         ).all()
         return [(*r[:7], _epoch(r[7]), _epoch(r[8]), *r[9:]) for r in rows]
 
+    def release(self, claimed: list[Claimed]) -> None:
+        """End the leases of claimed jobs that will not be read, so any poller may take them now."""
+        if claimed:
+            with self.rt.db.transaction() as s:
+                s.execute(update(_JOBS).where(_JOBS.c.id.in_([c.job_id for c in claimed])).values(lease_until=None))
+
     def seconds_to_next_due(self) -> float:
         """How long until the earliest job not leased is due (an idle poller sleeps just that long;
         the leased ones are being polled, and their answers move them on)."""
@@ -563,9 +569,9 @@ class Poller:
                             await asyncio.wait_for(stop.wait(), timeout=nap)
             if writing is not None:
                 await writing
-            if ahead is not None:  # claimed, never read: the leases run out and the jobs are claimed again
+            if ahead is not None:  # claimed, never read: give the jobs back, not after their lease
                 with contextlib.suppress(Exception):
-                    await ahead
+                    await asyncio.to_thread(self.release, await ahead)
         finally:
             if doorbell is not None:
                 await doorbell.aclose()

@@ -33,6 +33,7 @@ from config.clock import utcnow
 from config.constants import JobStatus, StepKind, StepStatus
 from config.errors import (
     CircuitOpen,
+    GenlineError,
     InvalidState,
     ProviderConnectionError,
     ProviderError,
@@ -41,7 +42,6 @@ from config.errors import (
     ProviderUnavailable,
     RateLimited,
     ResultExpired,
-    StorageError,
 )
 from config.logging import get_logger
 from pipelines.audit import current_hold, write_audit
@@ -202,7 +202,8 @@ def store_image_early(rt: Runtime, ctx: StepContext) -> None:
     try:
         _store_image(rt, ctx)
     except Exception as exc:  # noqa: BLE001  # the step has handed its job on: nothing here may undo that
-        log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, error=repr(exc)[:200])
+        code = exc.code if isinstance(exc, GenlineError) else type(exc).__name__
+        log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, code=code)
 
 
 def _store_image(rt: Runtime, ctx: StepContext) -> None:
@@ -215,11 +216,7 @@ def _store_image(rt: Runtime, ctx: StepContext) -> None:
             if s.connection().execute(_STORED_BY_KEY, {"keys": [key]}).first() is not None:
                 return
     expires = _parse_time(asset.get("expires_at"))
-    try:
-        info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type="image")
-    except StorageError as err:
-        log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, code=err.code)
-        return
+    info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type="image")
     with rt.db.transaction() as s:
         _insert_stored(s, [_stored_row(ctx, StepKind.IMAGE, info, expires)])
 

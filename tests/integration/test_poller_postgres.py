@@ -329,6 +329,30 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
         assert claims_during_reads == 0
 
 
+def test_a_poller_that_stops_behind_schedule_gives_back_the_round_it_claimed_ahead(
+    pg_rt: Runtime, sim: SimulatorHandle
+) -> None:
+    rt = pg_rt
+    rt.settings = rt.settings.with_overrides(poller_batch=4)
+    job_ids = _seed(rt, _submit(rt, sim, 12, seconds=LONG_S, prefix="stop"), prefix="stop")
+    poller = Poller(rt)
+    stop = asyncio.Event()
+    poll = poller.poll
+
+    async def first_round_then_stop(claimed: list[Any]) -> list[Any]:
+        await asyncio.sleep(0.1)  # the claim taken ahead lands meanwhile
+        stop.set()
+        return await poll(claimed)
+
+    poller.poll = first_round_then_stop  # type: ignore[method-assign]
+    asyncio.run(poller.run(stop, sweep_every_s=3600))
+    jobs = _jobs(rt)
+    read = [j for j in job_ids if jobs[j].polls]
+    assert len(read) == 4  # one round was read
+    assert all(jobs[j].lease_until is None for j in job_ids)  # the one claimed ahead was given back
+    assert Poller(rt).claim()  # and is there for the next poller at once, not after its lease
+
+
 def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> None:
     from decimal import Decimal
     from zoneinfo import ZoneInfo
