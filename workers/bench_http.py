@@ -154,8 +154,8 @@ def raw_http_rates(
     runs: list[tuple[str, Callable[..., Any], Callable[[Any], Any], tuple[int, ...]]] = [
         ("aiohttp", aiohttp_rate, asyncio.run, (64,) if quick else (16, 64)),
         ("httpx", httpx_rate, asyncio.run, (4,) if quick else (4, 64)),
+        ("genline_reader", reader_rate, asyncio.run, (64,) if quick else (16, 64)),
     ]
-    runs.append(("genline_reader", reader_rate, asyncio.run, (64,) if quick else (16, 64)))
     uv = _uvloop_runner()
     if uv is not None:
         runs.append(("aiohttp_uvloop", aiohttp_rate, uv, (64,) if quick else (16, 64)))
