@@ -22,6 +22,14 @@ def test_migrations_build_the_models_schema_on_postgres(pg_url: str) -> None:
     command.check(alembic_config(pg_url))  # raises if the models and the migrated schema differ
 
 
+def test_the_poller_index_migration_goes_down_and_up_again_on_postgres(pg_url: str) -> None:
+    upgrade(pg_url)  # 0004 swaps the poller's index CONCURRENTLY, outside the migration's transaction
+    command.downgrade(alembic_config(pg_url), "0003")
+    assert current(pg_url) == "0003"
+    upgrade(pg_url)
+    command.check(alembic_config(pg_url))
+
+
 def test_two_pollers_never_claim_the_same_job(pg_url: str, tmp_path: object) -> None:
     upgrade(pg_url)
     settings = load_settings(
