@@ -17,6 +17,7 @@ import aiohttp
 import httpx
 
 from config.loop import loop_factory
+from config.loop import run as run_loop
 
 CONCURRENCY = 64
 
@@ -134,15 +135,8 @@ async def reader_rate(
 
 
 def _uvloop_runner() -> Callable[[Any], Any] | None:
-    factory = loop_factory()
-    if factory is asyncio.new_event_loop:  # uvloop is not installed
-        return None
-
-    def run(coro: Any) -> Any:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(coro)
-
-    return run
+    """``config.loop.run`` when it runs on uvloop; None when uvloop is not installed."""
+    return None if loop_factory() is asyncio.new_event_loop else run_loop
 
 
 def raw_http_rates(
