@@ -204,5 +204,6 @@ def flower(port: int, address: str) -> None:
         sys.exit(2)
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "celery", "-A", "tasks.worker", "flower", f"--port={port}", f"--address={address}"],
+        [sys.executable, "-m", "celery", "-A", "tasks.worker:flower", "flower"]
+        + [f"--port={port}", f"--address={address}"],
     )

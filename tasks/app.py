@@ -16,12 +16,13 @@ from kombu.entity import Queue as KombuQueue
 
 from config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
 from config.settings import Settings
-from workers.broker import broker_url
+from workers.broker import broker_transport, broker_url
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker_url": broker_url(settings),
+        "broker_transport": broker_transport(settings),
         "broker_connection_retry_on_startup": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -49,6 +50,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_celery(settings: Settings) -> Celery:
     app = Celery("genline", set_as_current=False)
     app.conf.update(celery_config(settings))
+    return app
+
+
+def flower_celery(settings: Settings) -> Celery:
+    """The app Flower runs on: genline's, with kombu's own Redis transport. Flower reads the broker
+    URL back from its app to show queue lengths, and kombu spells a URL with a transport set by
+    class path (``workers.broker:RedisTransport://...``), which Flower cannot parse."""
+    app = make_celery(settings)
+    app.conf.broker_transport = None
     return app
 
 

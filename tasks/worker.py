@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from config.logging import configure_logging
 from config.settings import load_settings
+from tasks.app import flower_celery
 from tasks.steps import celery_app
 
 settings = load_settings()
 configure_logging(settings.log_level)
 app = celery_app(settings)
+flower = flower_celery(settings)  # ``genline flower`` runs ``celery -A tasks.worker:flower flower``

@@ -46,6 +46,7 @@ import redis
 from sqlalchemy import func, select, text
 
 from config.constants import PIPELINE_TERMINAL
+from workers.broker import REDIS_TRANSPORT
 from workers.chaos_faults import fresh_database
 from workers.processes import ProcessGroup
 
@@ -98,16 +99,20 @@ def _meter(**processes: Any) -> Any:
     )
 
 
-def bare_chains(n: int, broker: str, log_dir: Path) -> tuple[float, Any]:
-    """Chains/s of 4 no-op tasks through a 2-process Celery worker, and the CPU they took."""
+def bare_chains(n: int, broker: str, log_dir: Path, transport: str | None = None) -> tuple[float, Any]:
+    """Chains/s of 4 no-op tasks through a 2-process Celery worker, and the CPU they took; on
+    kombu's Redis transport, or on ``transport`` (worker and producer alike)."""
     from celery import chain
 
     from workers.bench_profile import tree_cpu_seconds
-    from workers.bench_tasks import COUNTER, QUEUE, noop
+    from workers.bench_tasks import COUNTER, QUEUE, make_app
 
+    app = make_app(transport)
+    app.conf.broker_url = broker
+    noop = app.tasks["bench.noop"]
     r = redis.Redis.from_url(broker)
     r.delete(COUNTER)
-    env = {**os.environ, "BENCH_BROKER_URL": broker}
+    env = {**os.environ, "BENCH_BROKER_URL": broker, "BENCH_BROKER_TRANSPORT": transport or ""}
     log = (log_dir / "bare-worker.log").open("ab")
     worker = subprocess.Popen(
         [
@@ -312,6 +317,10 @@ def section_pipelines(
         chains_per_s, chain_cpu = bare_chains(n, broker, var / "logs")
         print(f"  bare_celery_chain_per_s  {chains_per_s:8.1f}   {_cpu_line(chain_cpu, n, 'chain')}", flush=True)
         redis.Redis.from_url(broker).flushdb()
+        # the same chains on genline's Redis transport (workers/broker.py), for the same-transport ratio
+        same_per_s, _ = bare_chains(n, broker, var / "logs", transport=REDIS_TRANSPORT)
+        print(f"  ... on genline's transport {same_per_s:6.1f}", flush=True)
+        redis.Redis.from_url(broker).flushdb()
         pipelines_per_s, overhead, pipeline_cpu = genline_pipelines(
             n,
             broker,
@@ -331,6 +340,9 @@ def section_pipelines(
             "pipelines_per_s": round(pipelines_per_s, 2),
             "bare_celery_chain_per_s": round(chains_per_s, 2),
             "pipeline_vs_bare_chain": round(pipelines_per_s / chains_per_s, 3),
+            # the yardstick on genline's own Redis transport too: what the transport fix is worth
+            "bare_chain_same_transport_per_s": round(same_per_s, 2),
+            "pipeline_vs_chain_same_transport": round(pipelines_per_s / same_per_s, 3),
             "pipelines": n,
             # CPU ms per pipeline / per bare chain, by process ("machine": every core's busy time),
             # and how busy the machine's cores were on average while they ran
@@ -347,7 +359,10 @@ def section_pipelines(
     )
     if "profile" in overhead:
         figures.setdefault("profiles", {})["worker_steps"] = overhead["profile"]
-    print(f"  pipeline_vs_bare_chain   {figures['pipeline_vs_bare_chain']:8.3f}")
+    print(
+        f"  pipeline_vs_bare_chain   {figures['pipeline_vs_bare_chain']:8.3f}   "
+        f"(against chains on genline's transport: {figures['pipeline_vs_chain_same_transport']:.3f})"
+    )
     print(
         f"  step_overhead_p95_ms     {figures['step_overhead_p95_ms']:8.1f}   "
         f"(by kind {overhead['step_overhead_p95_ms_by_kind']}, queue p95 {overhead['step_queue_p95_ms']:.1f} ms)",
@@ -368,12 +383,15 @@ def section_submit(
     figures.update(
         {
             "submit_vs_bare_apply_async": round(out["submit_vs_bare_apply_async"], 3),
+            "submit_vs_apply_async_same_transport": round(out["submit_vs_apply_async_same_transport"], 3),
             "submit": {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()},
         }
     )
     print(
         f"  submits_per_s {out['submits_per_s']:.0f}, bare apply_async/s {out['bare_apply_async_per_s']:.0f}, "
-        f"submit_vs_bare_apply_async {out['submit_vs_bare_apply_async']:.3f}",
+        f"submit_vs_bare_apply_async {out['submit_vs_bare_apply_async']:.3f} (against apply_async on genline's "
+        f"transport, {out['same_transport_apply_async_per_s']:.0f}/s: "
+        f"{out['submit_vs_apply_async_same_transport']:.3f})",
         flush=True,
     )
 

@@ -3,8 +3,10 @@
 A submit is what an application service pays for: ``Genline.submit`` = validation, one
 transaction on PostgreSQL (pipeline + 4 steps, idempotency check) and the nudge of the first step.
 The yardstick is a bare Celery ``apply_async`` of a no-op task to the same broker, from the same
-process. No worker consumes either (only enqueueing is measured). The two are run in alternating
-slices so a drift of the machine's speed touches both alike.
+process, on kombu's own Redis transport; it is also measured on genline's (``workers/broker.py``),
+which is what ``submit_vs_apply_async_same_transport`` divides by. No worker consumes any of them
+(only enqueueing is measured). They run in alternating slices so a drift of the machine's speed
+touches all alike.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.bench_profile import Spy, summarise
+from workers.broker import REDIS_TRANSPORT
 
 
 def measure_submit(
@@ -41,6 +44,9 @@ def measure_submit(
     upgrade(db_url)
     run = uuid.uuid4().hex[:8]
     bench_tasks.app.conf.broker_url = broker
+    same = bench_tasks.make_app(REDIS_TRANSPORT)
+    same.conf.broker_url = broker
+    same_noop = same.tasks["bench.noop"]
 
     def request(i: int) -> dict[str, Any]:
         return {
@@ -55,7 +61,8 @@ def measure_submit(
         for i in range(20):  # connections, caches, queue declarations
             api.submit(request(-1 - i))
             bench_tasks.noop.apply_async()
-        submit_s = bare_s = 0.0
+            same_noop.apply_async()
+        submit_s = bare_s = same_s = 0.0
         per = n // slices
         spy = Spy(os.getpid(), profile_dir / "submit.raw", rate=250, idle=True) if profile_dir else None
         if spy:
@@ -67,6 +74,10 @@ def measure_submit(
                     bench_tasks.noop.apply_async()
                 bare_s += time.perf_counter() - started
                 started = time.perf_counter()
+                for _ in range(per):
+                    same_noop.apply_async()
+                same_s += time.perf_counter() - started
+                started = time.perf_counter()
                 for i in range(k * per, (k + 1) * per):
                     api.submit(request(i))
                 submit_s += time.perf_counter() - started
@@ -76,10 +87,13 @@ def measure_submit(
     redis.Redis.from_url(broker).flushdb()
     submits_per_s = per * slices / submit_s
     bare_per_s = per * slices / bare_s
+    same_per_s = per * slices / same_s
     out: dict[str, Any] = {
         "submits_per_s": submits_per_s,
         "bare_apply_async_per_s": bare_per_s,
         "submit_vs_bare_apply_async": submits_per_s / bare_per_s,
+        "same_transport_apply_async_per_s": same_per_s,
+        "submit_vs_apply_async_same_transport": submits_per_s / same_per_s,
         "submits": per * slices,
     }
     if profile_dir:
