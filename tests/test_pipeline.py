@@ -285,6 +285,35 @@ def test_a_repeated_key_returns_the_same_pipeline_and_a_changed_request_is_refus
     assert len(rt.dispatcher.sent) == 2  # type: ignore[attr-defined]
 
 
+@pytest.mark.integration
+def test_a_submit_gives_its_postgres_connection_back_out_of_autocommit(
+    pg_url: str, make_settings: Callable[..., Settings], request_fields: RequestFn
+) -> None:
+    """The submit's statement runs in autocommit, set on the driver; the pooled connection must come
+    back as SQLAlchemy lent it, or the next transaction on it would commit statement by statement."""
+    settings = make_settings(GENLINE_DATABASE_URL=pg_url)
+    upgrade(pg_url)
+    rt = Runtime.from_settings(settings)
+
+    def lent_in_autocommit() -> bool:
+        with rt.db.engine.connect() as conn:  # submits run one at a time: the pool holds one connection
+            assert rt.db.engine.pool.checkedout() == 1 and rt.db.engine.pool.checkedin() == 0
+            return bool(conn.connection.driver_connection.autocommit)  # type: ignore[union-attr]
+
+    try:
+        api = Genline(runtime=rt)
+        fields = request_fields(idempotency_key="order-8")
+        assert api.submit(fields).created
+        assert not lent_in_autocommit()
+        assert not api.submit(fields).created  # the key found taken: the conflict's own query follows
+        assert not lent_in_autocommit()
+        with pytest.raises(IdempotencyConflict):
+            api.submit(request_fields(idempotency_key="order-8", description="Another product."))
+        assert not lent_in_autocommit()
+    finally:
+        rt.close()
+
+
 def test_two_submits_with_one_key_at_once_both_get_the_one_pipeline(
     submit_rt: Runtime, request_fields: RequestFn
 ) -> None:
