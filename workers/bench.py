@@ -155,6 +155,28 @@ def bare_chains(n: int, broker: str, log_dir: Path, transport: str | None = None
         r.delete(COUNTER)
 
 
+def _genline_env(var: Path, db_url: str, broker: str, sim_url: str, key: str) -> dict[str, str]:
+    return {
+        "GENLINE_VAR_DIR": str(var),
+        "GENLINE_DATABASE_URL": db_url,
+        "GENLINE_BROKER_URL": broker,
+        "APIMART_BASE_URL": sim_url,
+        "APIMART_API_KEY": key,
+        "GENLINE_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
+        "GENLINE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+    }
+
+
+def _request(i: int, run: str) -> dict[str, Any]:
+    return {
+        "user_id": f"bench-{i % 10}",
+        "feature": "bench",
+        "description": f"Bench product {i}.",
+        "image": "https://images.example.com/product.png",
+        "idempotency_key": f"{run}-{i}",
+    }
+
+
 def genline_pipelines(
     n: int,
     broker: str,
@@ -174,15 +196,7 @@ def genline_pipelines(
     from storage.models import Pipeline
     from workers.bench_profile import Spy, cpu_seconds, named_cpu_seconds, summarise, tree_cpu_seconds
 
-    env = {
-        "GENLINE_VAR_DIR": str(var),
-        "GENLINE_DATABASE_URL": db_url,
-        "GENLINE_BROKER_URL": broker,
-        "APIMART_BASE_URL": sim_url,
-        "APIMART_API_KEY": key,
-        "GENLINE_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
-        "GENLINE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-    }
+    env = _genline_env(var, db_url, broker, sim_url, key)
     settings = load_settings(env)
     upgrade(db_url)
 
@@ -197,19 +211,10 @@ def genline_pipelines(
                 or 0
             )
 
-    def request(i: int, run: str) -> dict[str, Any]:
-        return {
-            "user_id": f"bench-{i % 10}",
-            "feature": "bench",
-            "description": f"Bench product {i}.",
-            "image": "https://images.example.com/product.png",
-            "idempotency_key": f"{run}-{i}",
-        }
-
     with ProcessGroup(log_dir=var / "logs", env=env) as group, Genline(settings) as api:
         worker = group.start_worker("bench-worker", concurrency=CONCURRENCY)
         poller = group.start_poller("bench-poller")
-        api.submit(request(0, "warmup"))  # ready once one pipeline has gone through
+        api.submit(_request(0, "warmup"))  # ready once one pipeline has gone through
         _wait(lambda: terminal(api) >= 1, 120, "the genline worker to start", group.check)
         run = uuid.uuid4().hex[:8]
         spy = Spy(worker.proc.pid, profile_dir / "worker.raw", subprocesses=True, idle=True) if profile_dir else None
@@ -222,13 +227,13 @@ def genline_pipelines(
         with spy or contextlib.nullcontext(), cpu:
             started = time.perf_counter()
             for i in range(n):
-                api.submit(request(i, run))
+                api.submit(_request(i, run))
             _wait(lambda: terminal(api) >= n + 1, 600, "genline pipelines", group.check)
             elapsed = time.perf_counter() - started
         # latency: one pipeline in flight at a time, so the figure is per-step overhead, not a backlog
         lone = uuid.uuid4().hex[:8]
         for i in range(latency_runs):
-            api.submit(request(i, lone))
+            api.submit(_request(i, lone))
             _wait(lambda i=i: terminal(api) >= n + 2 + i, 60, "a lone pipeline", group.check)
         with api.runtime.db.transaction() as s:
             bad = s.scalar(select(func.count()).select_from(Pipeline).where(Pipeline.status != "succeeded"))
@@ -335,6 +340,17 @@ def section_pipelines(
         print(
             f"  pipelines_per_s          {pipelines_per_s:8.1f}   {_cpu_line(pipeline_cpu, n, 'pipeline')}", flush=True
         )
+        # the floor: the same pipelines in this one process, no Celery, no worker or poller process
+        from workers.bench_floor import pipeline_floor
+
+        n_floor = max(20, n // 3)
+        floor_cpu = pipeline_floor(_genline_env(var, db_url, broker, sim.base_url, key), n_floor, sim.pid, _request)
+        floor = floor_cpu.per(n_floor, 1e3)
+        chain_ms = chain_cpu.per(n, 1e3)["machine"]
+        # A pipeline costs at least a chain's Celery work plus the work itself; where CPU is the
+        # limit (cores busy in both runs), pipelines/s ÷ chains/s cannot exceed this.
+        bound = chain_ms / (chain_ms + floor["machine"])
+        print(f"  ... with no Celery at all: {_cpu_line(floor_cpu, n_floor, 'pipeline')}", flush=True)
     figures.update(
         {
             "pipelines_per_s": round(pipelines_per_s, 2),
@@ -349,6 +365,12 @@ def section_pipelines(
             "cpu_ms_per_pipeline": pipeline_cpu.per(n, 1e3),
             "cpu_ms_per_bare_chain": chain_cpu.per(n, 1e3),
             "machine_busy_share": {"pipelines": pipeline_cpu.busy_share(), "bare_chains": chain_cpu.busy_share()},
+            # the same pipelines run in one process with no Celery (workers/bench_floor.py): the
+            # work itself; "all" is the sum of the processes named
+            "cpu_ms_per_pipeline_without_celery": floor,
+            # a chain's CPU ÷ (a chain's + a pipeline's with no Celery): the most this machine's
+            # cores allow pipeline_vs_bare_chain to reach, were orchestration free
+            "pipeline_vs_bare_chain_cpu_bound": round(bound, 3),
             "step_overhead_p95_ms": round(overhead["step_overhead_p95_ms"], 1),
             "step_overhead": {
                 k: (round(v, 1) if isinstance(v, float) else v)
@@ -361,7 +383,8 @@ def section_pipelines(
         figures.setdefault("profiles", {})["worker_steps"] = overhead["profile"]
     print(
         f"  pipeline_vs_bare_chain   {figures['pipeline_vs_bare_chain']:8.3f}   "
-        f"(against chains on genline's transport: {figures['pipeline_vs_chain_same_transport']:.3f})"
+        f"(against chains on genline's transport: {figures['pipeline_vs_chain_same_transport']:.3f}; "
+        f"at most {figures['pipeline_vs_bare_chain_cpu_bound']:.3f} were orchestration free)"
     )
     print(
         f"  step_overhead_p95_ms     {figures['step_overhead_p95_ms']:8.1f}   "

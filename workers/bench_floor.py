@@ -1,0 +1,82 @@
+"""What a pipeline costs with no Celery at all: the pipelines section's floor.
+
+The same 4-step pipelines as the section measures (same simulator process, PostgreSQL, Redis for
+the gateway's shared state), run in this one process in drain mode: steps are taken from the
+in-memory dispatcher and run one after another, and the poller's rounds are run in between
+(``Poller.run_once``). No broker, no worker processes, no poller process: what is left is the
+work itself (the provider's HTTP calls and downloads, the database transactions, the stored
+files) and what the simulator and PostgreSQL spend answering it. A pipeline through Celery
+costs at least this plus a bare chain's own CPU, so on a machine whose cores are the limit
+``pipeline_vs_bare_chain`` is at most chain ÷ (chain + this): the bench reports that bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+
+from config.constants import PIPELINE_TERMINAL
+
+
+def pipeline_floor(env: dict[str, str], n: int, sim_pid: int | None, request: Any) -> Any:
+    """Run ``n`` pipelines in this process; the CPU they took (a ``CpuMeter``), per process."""
+    from config.settings import load_settings
+    from pipelines.api import Genline
+    from pipelines.engine import run_step
+    from pipelines.poller import Poller
+    from pipelines.runtime import Runtime
+    from storage.models import Pipeline
+    from workers.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
+
+    rt = Runtime.from_settings(load_settings(env))  # the in-memory dispatcher: drain mode
+    api, poller, loop = Genline(runtime=rt), Poller(rt), asyncio.new_event_loop()
+    run = uuid.uuid4().hex[:8]
+
+    def running() -> int:
+        with rt.db.transaction() as s:
+            return (
+                s.scalar(
+                    select(func.count())
+                    .select_from(Pipeline)
+                    .where(Pipeline.status.not_in([str(x) for x in PIPELINE_TERMINAL]))
+                )
+                or 0
+            )
+
+    def drive(count: int, tag: str) -> None:
+        for i in range(count):
+            api.submit(request(i, f"{run}-{tag}"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            step_id = rt.dispatcher.pop()  # type: ignore[attr-defined]
+            if step_id is not None:
+                run_step(rt, step_id)
+            elif not loop.run_until_complete(poller.run_once()):
+                wait = poller.seconds_to_next_due()
+                if wait == float("inf") and not running():
+                    return
+                time.sleep(min(1.0, max(0.001, wait)))  # until the next job is due, no busy loop
+        raise RuntimeError("bench: in-process pipelines did not finish")
+
+    me = os.getpid()
+    meter = CpuMeter(
+        genline=lambda: cpu_seconds(me),
+        simulator=lambda: None if sim_pid is None else cpu_seconds(sim_pid),
+        postgres=lambda: named_cpu_seconds("postgres"),
+        redis=lambda: named_cpu_seconds("redis-server"),
+        machine=machine_cpu_seconds,
+    )
+    try:
+        drive(5, "warmup")
+        with meter:
+            drive(n, "floor")
+    finally:
+        loop.run_until_complete(poller.aclose())
+        loop.close()
+        rt.close()
+    return meter
