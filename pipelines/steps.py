@@ -446,7 +446,7 @@ def _wait_on(
             )
         else:
             conn.execute(_JOB_DUE, {"b_id": job_id, "b_due": due})
-        wake_poller(s)
+        wake_poller(s, due)
     conn.execute(_STEP_WAITING, {"b_id": step_id, "b_model": model, "b_now": now})
 
 

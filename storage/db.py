@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,17 @@ def is_postgres(engine: Engine) -> bool:
 NEW_JOBS_CHANNEL = "genline_new_jobs"
 
 
-def wake_poller(session: Session) -> None:
-    """Inside a transaction: tell a sleeping poller, once this commits, that a job now waits to be
-    polled, so its first poll is on time rather than at the poller's next idle check. PostgreSQL
-    delivers the notification at commit (never for a rollback) and folds repeats within one
-    transaction into one; on SQLite this does nothing and the poller finds the job by its naps."""
+def wake_poller(session: Session, due: datetime) -> None:
+    """Inside a transaction: tell a sleeping poller, once this commits, that a job will be due for
+    its first poll at ``due``, so that poll is on time rather than at the poller's next idle check.
+    The payload is the due time (epoch seconds): the poller wakes then, not at the ring. PostgreSQL
+    delivers the notification at commit (never for a rollback); on SQLite this does nothing and
+    the poller finds the job by its naps."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"NOTIFY {NEW_JOBS_CHANNEL}"))
+        session.execute(_NOTIFY, {"channel": NEW_JOBS_CHANNEL, "due": f"{due.timestamp():.3f}"})
+
+
+_NOTIFY = text("SELECT pg_notify(:channel, :due)")
 
 
 def libpq_conninfo(url: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import update
@@ -78,25 +79,29 @@ def test_two_pollers_never_claim_the_same_job(pg_url: str, tmp_path: object) -> 
     rt.close()
 
 
-def test_a_committed_job_rings_the_pollers_doorbell_and_a_rollback_does_not(pg_url: str) -> None:
+def test_a_committed_job_rings_the_pollers_doorbell_with_its_due_time_and_a_rollback_does_not(pg_url: str) -> None:
     import asyncio
+    from datetime import UTC, datetime, timedelta
 
     from pipelines.wakeup import Doorbell
     from storage.db import Database, wake_poller
 
     db = Database(pg_url)
+    due = datetime.now(UTC) + timedelta(seconds=42)
 
-    async def scenario() -> tuple[bool, bool]:
+    async def scenario() -> tuple[bool, float, float]:
         bell = Doorbell(pg_url)
         bell.start()
         try:
             await asyncio.wait_for(bell.rung.wait(), 30)  # rung once on connecting: it was not listening before
+            rung_on_connect = bell.due
             bell.rung.clear()
+            bell.due = float("inf")
 
             def rolled_back() -> None:
                 try:
                     with db.transaction() as s:
-                        wake_poller(s)
+                        wake_poller(s, due)
                         raise RuntimeError("roll back")
                 except RuntimeError:
                     pass
@@ -107,17 +112,20 @@ def test_a_committed_job_rings_the_pollers_doorbell_and_a_rollback_does_not(pg_u
 
             def committed() -> None:
                 with db.transaction() as s:
-                    wake_poller(s)
+                    wake_poller(s, due + timedelta(seconds=5))
+                    wake_poller(s, due)  # two jobs in one transaction: the earlier one counts
 
             await asyncio.to_thread(committed)
             await asyncio.wait_for(bell.rung.wait(), 30)
-            return rang_on_rollback, bell.rung.is_set()
+            await asyncio.sleep(0.1)
+            return rang_on_rollback, rung_on_connect, bell.due
         finally:
             await bell.aclose()
 
     try:
-        rang_on_rollback, rang_on_commit = asyncio.run(scenario())
+        rang_on_rollback, rung_on_connect, rung_due = asyncio.run(scenario())
     finally:
         db.dispose()
+    assert rung_on_connect == 0.0  # look now: something may have been committed before it listened
     assert not rang_on_rollback
-    assert rang_on_commit
+    assert rung_due == pytest.approx(due.timestamp(), abs=0.001)
