@@ -357,12 +357,13 @@ def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> Non
     from decimal import Decimal
     from zoneinfo import ZoneInfo
 
-    from pipelines.audit import write_audit, write_audit_many
+    from pipelines.audit import _COPY_TYPES, audit_row, write_audit, write_audit_many
     from provider.gateway import CallContext, CallRecord
 
     def records(pipeline_id: str) -> list[CallRecord]:
         ctx = CallContext("user-1", "listing", pipeline_id, "st_x", "wan-2.7-image")
         bare = CallContext(pipeline_id=pipeline_id)  # every other field NULL
+        odd = CallContext("usér\tone\nline", "fête", pipeline_id, "st_y", "sora-2")  # tabs, newlines, not ASCII
         at = datetime(2026, 11, 27, 8, 0, 1, 123456, tzinfo=UTC)
         berlin = datetime(2026, 11, 27, 9, 0, 2, tzinfo=ZoneInfo("Europe/Berlin"))  # not UTC: converted
         return [
@@ -370,6 +371,7 @@ def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> Non
             CallRecord(ctx, "poll", berlin, status_code=503, error_code="provider_unavailable"),
             CallRecord(ctx, "poll", at, status_code=200, units=5.0, cost_usd=Decimal("0.123456")),
             CallRecord(bare, "chat", at, prompt_tokens=12, completion_tokens=34, cost_usd=Decimal("0.000017")),
+            CallRecord(odd, "submit", at, latency_ms=3, status_code=400, error_code="bad\\req", units=8),  # ints
         ]
 
     with pg_rt.db.transaction() as s:
@@ -382,8 +384,9 @@ def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> Non
             p: [tuple(getattr(r, c) for c in columns) for r in rows if r.pipeline_id == p]
             for p in ("pl_insert", "pl_copy")
         }
-    assert len(by["pl_insert"]) == 4
+    assert len(by["pl_insert"]) == 5
     assert by["pl_copy"] == by["pl_insert"]
+    assert [name for name, _ in _COPY_TYPES] == list(audit_row(records("pl")[0]))  # no column left out
     assert by["pl_copy"][1][0] == datetime(2026, 11, 27, 8, 0, 2, tzinfo=UTC)  # ts, back in UTC
 
 
