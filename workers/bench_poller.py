@@ -30,6 +30,7 @@ With 12,000 (the old quick size) the step measured the demand, ~5,000/s, not the
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
@@ -41,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, insert, text
+from sqlalchemy import Table, text
 
 from config.loop import run as run_loop
 from workers.bench_http import create_tasks, raw_http_rates
@@ -204,9 +205,37 @@ class Seeder:
             )
         with self.rt.db.transaction() as s:
             for table, rows in ((pipelines_t, pipelines), (steps_t, steps), (jobs_t, jobs)):
-                for start in range(0, len(rows), 5000):
-                    s.execute(insert(table), rows[start : start + 5000])
+                _copy_rows(s, table, rows)
         return video_steps
+
+
+def _copy_rows(s: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """``rows`` into ``table`` by ``COPY`` (PostgreSQL; the bench's poller runs on nothing else),
+    stored as SQLAlchemy stores them: JSON as text, times as naive UTC. 180,000 rows took ~14 s as
+    batched INSERTs, most of a quick run's poller section."""
+    if not rows:
+        return
+    # the Python-side defaults an INSERT would have filled in (COPY fills none)
+    defaults: dict[str, Any] = {}
+    for column in table.columns:
+        if column.key in rows[0] or column.default is None:
+            continue
+        if not column.default.is_scalar:
+            raise ValueError(f"bench seeder: give {table.name}.{column.key} a value (its default is computed)")
+        defaults[column.key] = column.default.arg  # type: ignore[attr-defined]
+    columns = [*rows[0], *defaults]
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        if isinstance(value, datetime):
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    driver = s.connection().connection.driver_connection
+    with driver.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([plain(row[c] if c in row else defaults[c]) for c in columns])
 
 
 def _activate(rt: Any, prefix: str, n: int, t0: datetime, spread_s: float) -> None:
