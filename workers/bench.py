@@ -50,7 +50,6 @@ from typing import Any
 import redis
 from sqlalchemy import func, select, text
 
-from config.constants import PIPELINE_TERMINAL
 from workers.broker import REDIS_TRANSPORT
 from workers.chaos_faults import fresh_database
 from workers.processes import ProcessGroup
@@ -199,6 +198,7 @@ def genline_pipelines(
     from pipelines.api import Genline
     from storage.migrate import upgrade
     from storage.models import Pipeline
+    from workers.bench_floor import count_pipelines
     from workers.bench_profile import Spy, cpu_seconds, named_cpu_seconds, summarise, tree_cpu_seconds
 
     env = _genline_env(var, db_url, broker, sim_url, key)
@@ -206,15 +206,7 @@ def genline_pipelines(
     upgrade(db_url)
 
     def terminal(api: Genline) -> int:
-        with api.runtime.db.transaction() as s:
-            return (
-                s.scalar(
-                    select(func.count())
-                    .select_from(Pipeline)
-                    .where(Pipeline.status.in_([str(x) for x in PIPELINE_TERMINAL]))
-                )
-                or 0
-            )
+        return count_pipelines(api.runtime, ended=True)
 
     with ProcessGroup(log_dir=var / "logs", env=env) as group, Genline(settings) as api:
         worker = group.start_worker("bench-worker", concurrency=CONCURRENCY)

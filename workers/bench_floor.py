@@ -25,6 +25,15 @@ from typing import Any
 from sqlalchemy import func, select
 
 from config.constants import PIPELINE_TERMINAL
+from storage.models import Pipeline
+
+
+def count_pipelines(rt: Any, *, ended: bool) -> int:
+    """How many pipelines have ended (``ended``), or have not."""
+    terminal = [str(x) for x in PIPELINE_TERMINAL]
+    status = Pipeline.status.in_(terminal) if ended else Pipeline.status.not_in(terminal)
+    with rt.db.transaction() as s:
+        return s.scalar(select(func.count()).select_from(Pipeline).where(status)) or 0
 
 
 def pipeline_floor(env: dict[str, str], n: int, sim_pid: int | None, request: Any) -> Any:
@@ -34,24 +43,12 @@ def pipeline_floor(env: dict[str, str], n: int, sim_pid: int | None, request: An
     from pipelines.engine import run_step
     from pipelines.poller import Poller
     from pipelines.runtime import Runtime
-    from storage.models import Pipeline
     from workers.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
 
     # the in-memory dispatcher: drain mode; every job due a millisecond after its submit
     rt = Runtime.from_settings(load_settings({**env, "GENLINE_POLL_INTERVAL_S": "0.001"}))
     api, poller, loop = Genline(runtime=rt), Poller(rt), asyncio.new_event_loop()
     run = uuid.uuid4().hex[:8]
-
-    def running() -> int:
-        with rt.db.transaction() as s:
-            return (
-                s.scalar(
-                    select(func.count())
-                    .select_from(Pipeline)
-                    .where(Pipeline.status.not_in([str(x) for x in PIPELINE_TERMINAL]))
-                )
-                or 0
-            )
 
     def drive(count: int, tag: str) -> None:
         for i in range(count):
@@ -63,7 +60,7 @@ def pipeline_floor(env: dict[str, str], n: int, sim_pid: int | None, request: An
                 run_step(rt, step_id)
             elif not loop.run_until_complete(poller.run_once()):
                 wait = poller.seconds_to_next_due()
-                if wait == float("inf") and not running():
+                if wait == float("inf") and not count_pipelines(rt, ended=False):
                     return
                 time.sleep(min(1.0, max(0.001, wait)))  # until the next job is due, no busy loop
         raise RuntimeError("bench: in-process pipelines did not finish")
