@@ -377,7 +377,7 @@ def section_pipelines(
                 "bare_chains": [chain_cpu.busy_share(), after_cpu.busy_share()],
             },
             # the same pipelines run in one process with no Celery (workers/bench_floor.py): the
-            # work itself; "all" is the sum of the processes named
+            # work itself, by process ("machine": every core's busy time while they ran)
             "cpu_ms_per_pipeline_without_celery": floor,
             # a chain's CPU ÷ (a chain's + a pipeline's with no Celery): an estimate of what this
             # machine's cores would allow pipeline_vs_bare_chain, were orchestration free
