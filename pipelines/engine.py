@@ -70,36 +70,6 @@ def apply_effects(rt: Runtime, effects: Effects) -> None:
 
 
 # --- transitions (called inside a transaction) -----------------------------------------------------
-def complete_step(s: Session, step: Step, output: dict[str, Any]) -> Effects:
-    """Finish ``step`` with ``output`` (ORM objects; the poller's path) and queue the next step,
-    or end the pipeline. The next step comes from one load of the siblings."""
-    effects = Effects()
-    if step.status in STEP_TERMINAL:
-        return effects
-    now = utcnow()
-    step.status = StepStatus.SUCCEEDED
-    step.output = output
-    step.finished_at = now
-    step.error_code = step.error_message = None
-    pipeline = step.pipeline
-    if pipeline.status in PIPELINE_TERMINAL:
-        return effects
-    siblings = pipeline.steps
-    nxt = next((x for x in siblings if x.position == step.position + 1), None)
-    if nxt is not None:
-        if nxt.status == StepStatus.PENDING:
-            nxt.deadline_at = earliest_expiry(output)
-            nxt.status = StepStatus.QUEUED
-            effects.nudges.append((nxt.id, queue_for(nxt.kind, pipeline.priority)))
-        return effects
-    pipeline.status = PipelineStatus.SUCCEEDED
-    pipeline.finished_at = now
-    pipeline.cost_usd = pipeline_cost(s, pipeline.id)
-    if pipeline.callback_url:
-        effects.finished.append(pipeline.id)
-    return effects
-
-
 def earliest_expiry(output: dict[str, Any]) -> datetime | None:
     """When the first of this step's provider links runs out: the deadline of the copy step
     after it (the video's links, for the store step). The image's links do not set it: the video
@@ -250,6 +220,16 @@ _NEXT_QUEUED = (
     .where(STEPS.c.id == bindparam("b_id"), STEPS.c.status == StepStatus.PENDING.value, _alive)
     .values(status=StepStatus.QUEUED.value, deadline_at=bindparam("b_deadline"), updated_at=bindparam("b_now"))
 )
+_cost_of = (
+    select(func.coalesce(func.sum(CALLS.c.cost_usd), 0))
+    .where(CALLS.c.pipeline_id == bindparam("b_pipeline"))
+    .scalar_subquery()
+)
+PIPELINE_COST = (
+    update(PIPELINES)
+    .where(PIPELINES.c.id == bindparam("b_pipeline"))
+    .values(cost_usd=_cost_of, updated_at=bindparam("b_now"))
+)
 _PIPELINE_SUCCEEDED = (
     update(PIPELINES)
     .where(PIPELINES.c.id == bindparam("b_pipeline"), PIPELINES.c.status.not_in(_ENDED_PIPELINE))
@@ -257,14 +237,12 @@ _PIPELINE_SUCCEEDED = (
         status=PipelineStatus.SUCCEEDED.value,
         finished_at=bindparam("b_now"),
         updated_at=bindparam("b_now"),
-        cost_usd=select(func.coalesce(func.sum(CALLS.c.cost_usd), 0))
-        .where(CALLS.c.pipeline_id == bindparam("b_pipeline"))
-        .scalar_subquery(),
+        cost_usd=_cost_of,
     )
 )
 
 
-def _pipeline_rows(s: Session, step_id: str) -> Sequence[Any]:
+def pipeline_rows(s: Session, step_id: str) -> Sequence[Any]:
     """Every step of ``step_id``'s pipeline, in order, each with its pipeline's columns: one SELECT."""
     rows: Sequence[Any] = s.connection().execute(_PIPELINE_ROWS, {"step_id": step_id}).all()
     return rows
@@ -281,12 +259,12 @@ def _most_urgent_copy(s: Session, rt: Runtime, nudged: str) -> str:
 def _begin(rt: Runtime, step_id: str) -> Claim | None:
     """Claim the step in one transaction, or find there is nothing to do. Safe to repeat."""
     with rt.db.transaction() as s:
-        rows = _pipeline_rows(s, step_id)
+        rows = pipeline_rows(s, step_id)
         me = next((r for r in rows if r.id == step_id), None)
         if me is not None and me.kind == StepKind.STORE:
             urgent = _most_urgent_copy(s, rt, step_id)
             if urgent != step_id:
-                rows = _pipeline_rows(s, urgent)
+                rows = pipeline_rows(s, urgent)
                 me = next((r for r in rows if r.id == urgent), None)
         if me is None:
             log.warning("unknown_step", step_id=step_id)
@@ -350,33 +328,78 @@ def _begin(rt: Runtime, step_id: str) -> Claim | None:
         )
 
 
+@dataclass(frozen=True)
+class Finish:
+    """What a step's completion writes, and what it needs to know of the steps after it."""
+
+    step_id: str
+    pipeline_id: str
+    output: dict[str, Any]
+    next_step_id: str | None
+    next_kind: str | None
+    priority: str
+    callback_url: str | None
+
+
+def finish_step(s: Session, finish: Finish, now: datetime) -> Effects:
+    """In the caller's transaction: the step succeeded, then the next step queued or the pipeline
+    ended (its cost summed in the same statement). Each UPDATE is conditional, so a cancel or a
+    repeat in between changes nothing. The worker's completions and the poller's both end here."""
+    effects, conn = Effects(), s.connection()
+    finished = conn.execute(_STEP_SUCCEEDED, {"b_id": finish.step_id, "b_output": finish.output, "b_now": now})
+    if finished.rowcount != 1:
+        return effects
+    if finish.next_step_id is not None:
+        assert finish.next_kind is not None
+        deadline = earliest_expiry(finish.output)
+        queued = conn.execute(
+            _NEXT_QUEUED,
+            {"b_id": finish.next_step_id, "b_pipeline": finish.pipeline_id, "b_deadline": deadline, "b_now": now},
+        )
+        if queued.rowcount == 1:
+            effects.nudges.append((finish.next_step_id, queue_for(finish.next_kind, finish.priority)))
+        return effects
+    ended = conn.execute(_PIPELINE_SUCCEEDED, {"b_pipeline": finish.pipeline_id, "b_now": now})
+    if ended.rowcount == 1 and finish.callback_url:
+        effects.finished.append(finish.pipeline_id)
+    return effects
+
+
+def finish_from_rows(rows: Sequence[Any], step_id: str, output: dict[str, Any]) -> Finish | None:
+    """``Finish`` for ``step_id`` from its pipeline's rows (``pipeline_rows``); None if it has none."""
+    me = next((r for r in rows if r.id == step_id), None)
+    if me is None:
+        return None
+    nxt = next((r for r in rows if r.position == me.position + 1), None)
+    return Finish(
+        step_id=step_id,
+        pipeline_id=me.pipeline_id,
+        output=output,
+        next_step_id=nxt.id if nxt is not None else None,
+        next_kind=nxt.kind if nxt is not None else None,
+        priority=me.priority,
+        callback_url=me.callback_url,
+    )
+
+
 def _complete(rt: Runtime, claim: Claim, done: Done, hold: AuditHold) -> Effects:
     """The step's completion in one transaction: the audit rows held for it, the step's own rows,
-    the step, then the next step (queued) or the pipeline (ended, its cost summed in the same
-    statement). Each UPDATE is conditional, so a cancel or a repeat in between changes nothing."""
-    ctx, effects, now = claim.ctx, Effects(), utcnow()
+    then ``finish_step``."""
+    ctx = claim.ctx
+    finish = Finish(
+        step_id=ctx.step_id,
+        pipeline_id=ctx.pipeline_id,
+        output=done.output,
+        next_step_id=claim.next_step_id,
+        next_kind=claim.next_kind,
+        priority=claim.priority,
+        callback_url=claim.callback_url,
+    )
     with hold.committed_with() as records, rt.db.transaction() as s:
         write_audit(s, records)
         if done.write is not None:
             done.write(s)
-        conn = s.connection()
-        finished = conn.execute(_STEP_SUCCEEDED, {"b_id": ctx.step_id, "b_output": done.output, "b_now": now})
-        if finished.rowcount != 1:
-            return effects
-        if claim.next_step_id is not None:
-            assert claim.next_kind is not None
-            deadline = earliest_expiry(done.output)
-            queued = conn.execute(
-                _NEXT_QUEUED,
-                {"b_id": claim.next_step_id, "b_pipeline": ctx.pipeline_id, "b_deadline": deadline, "b_now": now},
-            )
-            if queued.rowcount == 1:
-                effects.nudges.append((claim.next_step_id, queue_for(claim.next_kind, claim.priority)))
-            return effects
-        ended = conn.execute(_PIPELINE_SUCCEEDED, {"b_pipeline": ctx.pipeline_id, "b_now": now})
-        if ended.rowcount == 1 and claim.callback_url:
-            effects.finished.append(ctx.pipeline_id)
-    return effects
+        return finish_step(s, finish, utcnow())
 
 
 def run_step(rt: Runtime, step_id: str) -> None:

@@ -10,8 +10,9 @@ shared by the HTTP reads, the claims and the writes), so the database side stays
 and costs a few microseconds of Python a job: on PostgreSQL the claim is one ``UPDATE …
 RETURNING`` (lease and audit context together), the routine answers (still pending or
 processing, or a failed read to retry) are one ``UPDATE … FROM unnest(arrays)`` and the audit rows
-go in by ``COPY``. Only the answers that end a job (completed, failed, cancelled, unknown to the
-provider: a few) load ORM objects and go through ``complete_step``/``fail_step``, in the same
+go in by ``COPY``. A completed job is finished by Core statements too (the job's row, then the
+engine's ``finish_step``, which the worker's completions use); only the rare endings (failed,
+cancelled, unknown to the provider) load ORM objects and go through ``fail_step``, in the same
 transaction. The reads go through the gateway on ``provider.poll_client.make_task_reader``'s reader.
 """
 
@@ -35,7 +36,15 @@ from config.constants import PIPELINE_TERMINAL, JobStatus
 from config.errors import AccountError, ProviderError, ProviderNotFound
 from config.logging import get_logger
 from pipelines.audit import write_audit_many
-from pipelines.engine import Effects, apply_effects, complete_step, fail_step, pipeline_cost
+from pipelines.engine import (
+    PIPELINE_COST,
+    Effects,
+    apply_effects,
+    fail_step,
+    finish_from_rows,
+    finish_step,
+    pipeline_rows,
+)
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
 from pipelines.wakeup import Doorbell
@@ -101,6 +110,22 @@ _ROUTINE_PG = f"""
     ) AS v(id, status, progress, estimated_time_s, next_s)
     WHERE j.id = v.id AND j.status IN ({_POLLED_SQL})
 """
+
+# A completed job's row, if it is still being polled (a cancel meanwhile wins).
+_JOB_COMPLETED = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(POLLED))
+    .values(
+        status=JobStatus.COMPLETED.value,
+        progress=100,
+        result=bindparam("b_result", type_=_JOBS.c.result.type),
+        completed_at=bindparam("b_completed", type_=UTCDateTime()),
+        cost_usd=bindparam("b_cost", type_=_JOBS.c.cost_usd.type),
+        next_poll_at=None,
+        lease_until=None,
+        polls=_JOBS.c.polls + 1,
+    )
+)
 
 # Elsewhere (SQLite): the same update, one parameter set per job.
 _ROUTINE_ANY = (
@@ -413,10 +438,20 @@ class Poller:
         )
 
     def _apply_ended(self, s: Session, ended: list[tuple[Claimed, TaskState | BaseException]], now_s: float) -> Effects:
-        """The answers that end a job, through the ORM and the engine's transitions. The rows are
-        locked first on PostgreSQL, so a cancel committed meanwhile is seen, not overwritten."""
+        """The answers that end a job. A completed job by Core statements (``_completed``); the
+        others through the ORM and the engine's transitions, their rows locked first on
+        PostgreSQL. Either way a cancel committed meanwhile is seen, not overwritten."""
         effects = Effects()
         now = datetime.fromtimestamp(now_s, UTC)
+        rare: list[tuple[Claimed, TaskState | BaseException]] = []
+        for c, answer in ended:
+            if isinstance(answer, TaskState) and answer.status == JobStatus.COMPLETED:
+                effects.merge(self._completed(s, c, answer, now))
+            else:
+                rare.append((c, answer))
+        if not rare:
+            return effects
+        ended = rare
         query = select(ProviderJob).where(ProviderJob.id.in_([c.job_id for c, _ in ended]))
         if self.rt.db.is_postgres:
             query = query.with_for_update()
@@ -433,6 +468,34 @@ class Poller:
                 elapsed = now_s - c.submitted_s if c.submitted_s is not None else 0.0
                 effects.merge(self._on_state(s, c, job, answer, now, elapsed))
         return effects
+
+    def _completed(self, s: Session, c: Claimed, state: TaskState, now: datetime) -> Effects:
+        """A completed job: its row (only if it is still being polled: on PostgreSQL the UPDATE
+        waits for a cancel in progress and then sees it), then its step through the engine's
+        ``finish_step``, or, if the pipeline was cancelled meanwhile, the pipeline's cost."""
+        completed = state.completed_at or now
+        default_expiry = completed + timedelta(seconds=self.settings.result_ttl_s)
+        assets = [{"url": a.url, "expires_at": (a.expires_at or default_expiry).isoformat()} for a in state.assets]
+        model = c.ctx.model or ""
+        job = s.connection().execute(
+            _JOB_COMPLETED,
+            {
+                "b_id": c.job_id,
+                "b_result": assets,
+                "b_completed": completed,
+                "b_cost": self.rt.catalog.model(model).media_cost(c.units),
+            },
+        )
+        if job.rowcount != 1:
+            return Effects()  # it ended or was cancelled since the claim
+        rows = pipeline_rows(s, c.step_id)
+        finish = finish_from_rows(rows, c.step_id, {"model": model, "task_id": c.task_id, "assets": assets})
+        if finish is None:
+            return Effects()
+        if rows[0].pipeline_status in PIPELINE_TERMINAL:  # cancelled meanwhile: record what it cost
+            s.connection().execute(PIPELINE_COST, {"b_pipeline": finish.pipeline_id, "b_now": now})
+            return Effects()
+        return finish_step(s, finish, now)
 
     def _retry_delay(self, task_id: str, polls: int, err: BaseException) -> float:
         """Seconds until a job whose read failed is read again (``polls`` counts this one)."""
@@ -462,21 +525,7 @@ class Poller:
     def _on_state(
         self, s: Any, c: Claimed, job: ProviderJob, state: TaskState, now: datetime, elapsed: float
     ) -> Effects:
-        if state.status == JobStatus.COMPLETED:
-            completed = state.completed_at or now
-            default_expiry = completed + timedelta(seconds=self.settings.result_ttl_s)
-            assets = [{"url": a.url, "expires_at": (a.expires_at or default_expiry).isoformat()} for a in state.assets]
-            job.status = JobStatus.COMPLETED
-            job.progress = 100
-            job.result = assets
-            job.completed_at = completed
-            job.cost_usd = self.rt.catalog.model(job.model).media_cost(job.units)
-            job.next_poll_at = None
-            step = s.get_one(Step, c.step_id)
-            if step.pipeline.status in PIPELINE_TERMINAL:  # cancelled meanwhile: record what it cost
-                step.pipeline.cost_usd = pipeline_cost(s, step.pipeline_id)
-                return Effects()
-            return complete_step(s, step, {"model": job.model, "task_id": job.task_id, "assets": assets})
+        """A job that failed or was cancelled at the provider (a completed one is ``_completed``)."""
         if state.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             job.status = state.status
             job.error_code = state.error_code or "provider_job_failed"

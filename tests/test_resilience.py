@@ -29,7 +29,7 @@ from provider.shared_state import Admission, Admitted, LocalSharedState, RedisSh
 from provider.simulator import SimulatorHandle
 from provider.stages import PAUSE_KEY, AccountGuard, CircuitBreaker, RateLimiter
 from storage.migrate import upgrade
-from storage.models import ProviderCall, ProviderJob, Step
+from storage.models import Pipeline, ProviderCall, ProviderJob, Step
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -183,6 +183,44 @@ def test_cancel_stops_the_provider_job_and_no_later_step_starts(
     stats = httpx.get(f"{sim.base_url}/_sim/stats").json()
     assert stats["jobs_total"] == 1 and stats["jobs_by_status"] == {"cancelled": 1}
     assert stats["billed_media_usd"] == 0
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def either_rt(
+    request: pytest.FixtureRequest, sim: SimulatorHandle, make_settings: Callable[..., Settings]
+) -> Iterator[Runtime]:
+    """A drain-mode runtime on SQLite, and on PostgreSQL (integration)."""
+    env = {"GENLINE_DATABASE_URL": request.getfixturevalue("pg_url")} if request.param == "postgres" else {}
+    settings = make_settings(sim.base_url, **env)
+    upgrade(settings.database_url)
+    runtime = Runtime.from_settings(settings)
+    yield runtime
+    runtime.close()
+
+
+def test_a_job_the_provider_would_not_cancel_is_polled_to_its_end_and_its_cost_recorded(
+    either_rt: Runtime, request_fields: RequestFn
+) -> None:
+    rt = either_rt
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # copy
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # image submitted, done at once
+    result = api.cancel(pid)  # the provider refuses: the job has already ended there
+    assert (result["provider_jobs_cancelled"], result["provider_jobs_left_running"]) == (0, 1)
+    with rt.db.transaction() as s:
+        cost_at_cancel = s.get_one(Pipeline, pid).cost_usd
+    drain(rt)  # the poller reads the job's end
+    with rt.db.transaction() as s:
+        job = s.scalars(select(ProviderJob).where(ProviderJob.kind == "image")).one()
+        assert (job.status, job.next_poll_at, job.lease_until) == ("completed", None, None)
+        assert job.cost_usd > 0
+        spent = sum(c.cost_usd for c in s.scalars(select(ProviderCall).where(ProviderCall.pipeline_id == pid)))
+        pipeline = s.get_one(Pipeline, pid)
+        assert pipeline.status == "cancelled"
+        assert pipeline.cost_usd == spent == cost_at_cancel + job.cost_usd  # the image's cost is on the pipeline
+    assert [step["status"] for step in api.status(pid)["steps"]] == ["succeeded", "cancelled", "cancelled", "cancelled"]
+    assert rt.dispatcher.pop() is None  # type: ignore[attr-defined]  # no later step was nudged
 
 
 def test_cancelling_a_finished_or_unknown_pipeline_is_a_clear_error(rt: Runtime, request_fields: RequestFn) -> None:

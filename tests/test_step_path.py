@@ -314,11 +314,11 @@ def test_a_claim_made_on_a_stale_read_loses_to_the_one_that_got_there_first(
     copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
     assert copy_step
     with rt.db.transaction() as s:
-        stale = engine._pipeline_rows(s, copy_step)  # what a second worker read before the first claimed
+        stale = engine.pipeline_rows(s, copy_step)  # what a second worker read before the first claimed
     first = engine._begin(rt, copy_step)
     assert first is not None and first.ctx.attempt == 1
-    fresh = engine._pipeline_rows
-    monkeypatch.setattr(engine, "_pipeline_rows", lambda s, step_id: stale)
+    fresh = engine.pipeline_rows
+    monkeypatch.setattr(engine, "pipeline_rows", lambda s, step_id: stale)
     assert engine._begin(rt, copy_step) is None
     step = step_row(rt, pid, "copy")
     assert (step.status, step.attempts) == (StepStatus.RUNNING, 1)
@@ -327,7 +327,7 @@ def test_a_claim_made_on_a_stale_read_loses_to_the_one_that_got_there_first(
     engine._requeue(rt, copy_step, "provider_paused", "paused", refund=True)
     assert (step_row(rt, pid, "copy").status, step_row(rt, pid, "copy").attempts) == (StepStatus.QUEUED, 0)
     assert engine._begin(rt, copy_step) is None
-    monkeypatch.setattr(engine, "_pipeline_rows", fresh)
+    monkeypatch.setattr(engine, "pipeline_rows", fresh)
     again = engine._begin(rt, copy_step)
     assert again is not None and again.ctx.attempt == 1
 

@@ -164,7 +164,7 @@ def test_a_round_on_postgres_leaves_every_job_and_the_audit_log_right(pg_rt: Run
         assert before + timedelta(seconds=2 * INTERVAL_S - SLACK_S) <= job.next_poll_at
         assert job.next_poll_at <= after + timedelta(seconds=2 * INTERVAL_S + SLACK_S)
     with rt.db.transaction() as s:
-        for job_id in done_ids:  # ended: through the ORM and complete_step
+        for job_id in done_ids:  # ended: the job row, then the engine's finish_step
             job = s.get_one(ProviderJob, job_id)
             assert (job.status, job.progress, job.polls, job.lease_until, job.next_poll_at) == (
                 "completed",
