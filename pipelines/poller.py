@@ -476,7 +476,8 @@ class Poller:
         completed = state.completed_at or now
         default_expiry = completed + timedelta(seconds=self.settings.result_ttl_s)
         assets = [{"url": a.url, "expires_at": (a.expires_at or default_expiry).isoformat()} for a in state.assets]
-        model = c.ctx.model or ""
+        model = c.ctx.model
+        assert model is not None  # provider_jobs.model is NOT NULL, and the claim reads it
         job = s.connection().execute(
             _JOB_COMPLETED,
             {
