@@ -77,6 +77,19 @@ def rt(sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> Iterator
     runtime.close()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def either_rt(
+    request: pytest.FixtureRequest, sim: SimulatorHandle, make_settings: Callable[..., Settings]
+) -> Iterator[Runtime]:
+    """``rt`` on SQLite, and on PostgreSQL (integration): for what each database does its own way."""
+    env = {"GENLINE_DATABASE_URL": request.getfixturevalue("pg_url")} if request.param == "postgres" else {}
+    settings = make_settings(sim.base_url, **env)
+    upgrade(settings.database_url)
+    runtime = Runtime.from_settings(settings)
+    yield runtime
+    runtime.close()
+
+
 @pytest.fixture
 def product_png(tmp_path: Path) -> Path:
     from provider.simulator.media import png_bytes

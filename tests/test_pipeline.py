@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -222,21 +222,10 @@ def test_the_api_key_is_nowhere_in_the_database(rt: Runtime, request_fields: Req
 
 
 # --- accepting a pipeline: the rows, the idempotency key, a race on it, on SQLite and PostgreSQL ----
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
-def submit_rt(request: pytest.FixtureRequest, make_settings: Callable[..., Settings]) -> Iterator[Runtime]:
-    """A drain-mode runtime on SQLite, and on PostgreSQL (integration: the one-statement path)."""
-    env = {"GENLINE_DATABASE_URL": request.getfixturevalue("pg_url")} if request.param == "postgres" else {}
-    settings = make_settings(**env)
-    upgrade(settings.database_url)
-    runtime = Runtime.from_settings(settings)
-    yield runtime
-    runtime.close()
-
-
 def test_a_submit_writes_the_pipeline_and_its_steps_as_the_models_define_them(
-    submit_rt: Runtime, request_fields: RequestFn
+    either_rt: Runtime, request_fields: RequestFn
 ) -> None:
-    rt = submit_rt
+    rt = either_rt
     fields = request_fields(copy_model="claude-haiku", callback_url="https://hooks.example.com/done")
     accepted = Genline(runtime=rt).submit(fields)
     assert accepted.created and accepted.status == "pending"
@@ -268,9 +257,9 @@ def test_a_submit_writes_the_pipeline_and_its_steps_as_the_models_define_them(
 
 
 def test_a_repeated_key_returns_the_same_pipeline_and_a_changed_request_is_refused(
-    submit_rt: Runtime, request_fields: RequestFn
+    either_rt: Runtime, request_fields: RequestFn
 ) -> None:
-    rt, api = submit_rt, Genline(runtime=submit_rt)
+    rt, api = either_rt, Genline(runtime=either_rt)
     fields = request_fields(idempotency_key="order-7")
     first = api.submit(fields)
     again = api.submit(fields)
@@ -315,9 +304,9 @@ def test_a_submit_gives_its_postgres_connection_back_out_of_autocommit(
 
 
 def test_two_submits_with_one_key_at_once_both_get_the_one_pipeline(
-    submit_rt: Runtime, request_fields: RequestFn
+    either_rt: Runtime, request_fields: RequestFn
 ) -> None:
-    rt, api = submit_rt, Genline(runtime=submit_rt)
+    rt, api = either_rt, Genline(runtime=either_rt)
     keys = [f"race-{i}" for i in range(8)]
     results: dict[str, list[Accepted]] = {key: [] for key in keys}
     errors: list[BaseException] = []

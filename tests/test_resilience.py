@@ -185,19 +185,6 @@ def test_cancel_stops_the_provider_job_and_no_later_step_starts(
     assert stats["billed_media_usd"] == 0
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
-def either_rt(
-    request: pytest.FixtureRequest, sim: SimulatorHandle, make_settings: Callable[..., Settings]
-) -> Iterator[Runtime]:
-    """A drain-mode runtime on SQLite, and on PostgreSQL (integration)."""
-    env = {"GENLINE_DATABASE_URL": request.getfixturevalue("pg_url")} if request.param == "postgres" else {}
-    settings = make_settings(sim.base_url, **env)
-    upgrade(settings.database_url)
-    runtime = Runtime.from_settings(settings)
-    yield runtime
-    runtime.close()
-
-
 def test_a_job_the_provider_would_not_cancel_is_polled_to_its_end_and_its_cost_recorded(
     either_rt: Runtime, request_fields: RequestFn
 ) -> None:
