@@ -522,3 +522,24 @@ def test_the_foreground_server_prints_its_url_and_stops_cleanly_on_sigterm() -> 
         finally:
             if child.poll() is None:
                 child.kill()
+
+
+def test_many_jobs_at_once_are_made_as_that_many_submits_would_make_them(make_sim: Callable[..., Sim]) -> None:
+    _, client = make_sim(video_seconds=0)
+    made = client.post("/_sim/jobs", json={"kind": "video", "count": 3, "key_prefix": "bulk-", **VIDEO})
+    assert made.status_code == 200, made.text
+    ids = made.json()["task_ids"]
+    assert len(set(ids)) == 3
+    assert [task(client, i)["status"] for i in ids] == ["completed"] * 3
+    assert submit(client, "video", VIDEO, key="bulk-1") == ids[1]  # its idempotency key is taken
+    counts = stats(client)
+    assert counts["jobs_created"] == {"bulk-0": 1, "bulk-1": 1, "bulk-2": 1}
+    assert counts["submit_calls"]["bulk-1"] == 2
+    for bad, field in (
+        ({"kind": "audio", "count": 1, **VIDEO}, "kind"),
+        ({"kind": "video", "count": 0, **VIDEO}, "count"),
+        ({"kind": "video", "count": 2, **VIDEO, "prompt": ""}, "prompt"),
+    ):
+        refused = client.post("/_sim/jobs", json=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+    assert stats(client)["jobs_total"] == 3

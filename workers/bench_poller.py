@@ -422,7 +422,7 @@ def measure_poller(
         seeder.image_url = f"{sim.base_url}/files/{image_id}/0.png"
         total = max(max(sizes), saturate_n)
         started = time.perf_counter()
-        long_ids = asyncio.run(create_tasks(sim.base_url, key, total, model=seeder.video_model, prefix="long"))
+        long_ids = sim.make_jobs(total, model=seeder.video_model, key_prefix="long-")
         seeder.add(
             "long",
             long_ids,

@@ -90,6 +90,15 @@ class SimProcess:
     def task(self, task_id: str) -> Any:
         return self._admin("GET", f"/_sim/tasks/{task_id}")
 
+    def make_jobs(self, count: int, *, model: str, kind: str = "video", key_prefix: str | None = None) -> list[str]:
+        """``count`` jobs made in one admin request (``POST /_sim/jobs``), as that many submits of
+        ``create_tasks`` would make them; their task ids, in order."""
+        body = {"kind": kind, "count": count, "model": model, "prompt": "bench product reveal"}
+        if key_prefix is not None:
+            body["key_prefix"] = key_prefix
+        ids: list[str] = self._admin("POST", "/_sim/jobs", body)["task_ids"]
+        return ids
+
     def reset(self) -> Any:
         return self._admin("POST", "/_sim/reset", {})
 

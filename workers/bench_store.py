@@ -114,7 +114,7 @@ def measure_completion_to_stored(
             transfer_s = min(transfers)
             # the backlog: renders that never finish during the run, polled every 2 s
             sim.configure(video_seconds=LONG_RENDER_S)
-            long_ids = asyncio.run(create_tasks(sim.base_url, key, BACKLOG, model=seeder.video_model, prefix="backlog"))
+            long_ids = sim.make_jobs(BACKLOG, model=seeder.video_model, key_prefix="backlog-")
             now = datetime.now(UTC)
             seeder.add(
                 "backlog",

@@ -10,6 +10,7 @@ temporary result files (``GET /files/{task_id}/{index}.png|mp4``) and the admin 
     POST /_sim/config             {field: value, ...}: change settings at runtime (unknown field: 400)
     GET  /_sim/faults             scripted faults not yet used
     POST /_sim/faults             {"script": [{method, path, status, times, retry_after}], "replace": false}
+    POST /_sim/jobs               {kind, count, key_prefix?, ...a submit's body}: many jobs at once
     POST /_sim/reset              forget jobs, counters and scripts
 
 ``SimState`` holds jobs and counters. No background task runs: a job's status follows from the clock
@@ -29,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -257,10 +258,18 @@ async def _stream_chat(
     return response
 
 
-async def submit(request: web.Request) -> web.Response:
-    kind = request.match_info["kind"][:-1]  # images -> image
-    state, body = _state(request), await _json(request)
-    key = request.headers.get(IDEMPOTENCY_HEADER) or None
+class MediaRequest(NamedTuple):
+    """A media submit's body, checked."""
+
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    items: int
+    entry: dict[str, Any]  # the model's price entry
+
+
+def _media_request(state: SimState, body: dict[str, Any], kind: str) -> MediaRequest:
+    """A media submit's body, checked as the provider checks it."""
     entry = _model(state, body, kind)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -270,12 +279,15 @@ async def submit(request: web.Request) -> web.Response:
         params, items = media_params(body, kind, entry.get("max_duration_s"))
     except BadParam as exc:
         raise SimError(400, str(exc), param=exc.param) from None
+    return MediaRequest(str(body["model"]), prompt, params, items, entry)
+
+
+async def submit(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"][:-1]  # images -> image
+    state, body = _state(request), await _json(request)
+    key = request.headers.get(IDEMPOTENCY_HEADER) or None
+    job = _job_for_key(state, kind, _media_request(state, body, kind), key)
     config = state.config
-    known = state.task_by_key.get(key) if key and config.honour_idempotency else None
-    job = state.jobs.get(known) if known else None
-    state.count_submit(key, created=job is None)
-    if job is None:
-        job = _new_job(state, kind, str(body["model"]), prompt, params, items, entry, key)
     shape = config.submit_shape if config.submit_shape != "by_model" else ("list" if kind == "image" else "object")
     if shape == "list":
         data: Any = [{"status": "submitted", "task_id": job.id}]
@@ -290,6 +302,17 @@ async def submit(request: web.Request) -> web.Response:
             "created": int(job.created),
         }
     return web.json_response({"code": 200, "data": data})
+
+
+def _job_for_key(state: SimState, kind: str, checked: MediaRequest, key: str | None) -> Job:
+    """The job a submit with idempotency key ``key`` gets: the one that key made before (when the
+    provider honours keys), or a new one. Counted either way."""
+    known = state.task_by_key.get(key) if key and state.config.honour_idempotency else None
+    job = state.jobs.get(known) if known else None
+    state.count_submit(key, created=job is None)
+    if job is None:
+        job = _new_job(state, kind, *checked, key)
+    return job
 
 
 def _new_job(
@@ -478,6 +501,23 @@ async def sim_faults(request: web.Request) -> web.Response:
     return web.json_response({"pending": [e.to_json() for e in state.script.entries]})
 
 
+async def sim_jobs(request: web.Request) -> web.Response:
+    """``{"kind", "count", "key_prefix"?, ...a submit's body}``: ``count`` jobs made at once, as that
+    many submits would make them (idempotency keys ``key_prefix0``, ``key_prefix1``, ...; none without
+    a prefix), for setting up thousands of jobs in a benchmark without thousands of requests."""
+    state, body = _state(request), await _json(request)
+    kind, count, prefix = body.pop("kind", None), body.pop("count", None), body.pop("key_prefix", None)
+    if kind not in ("image", "video"):
+        raise SimError(400, "'kind' must be 'image' or 'video'.", param="kind")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1_000_000:
+        raise SimError(400, "'count' must be a whole number from 1 to 1000000.", param="count")
+    if prefix is not None and not isinstance(prefix, str):
+        raise SimError(400, "'key_prefix' must be a string.", param="key_prefix")
+    checked = _media_request(state, body, kind)
+    keys = (None if prefix is None else f"{prefix}{i}" for i in range(count))
+    return web.json_response({"task_ids": [_job_for_key(state, kind, checked, key).id for key in keys]})
+
+
 async def sim_reset(request: web.Request) -> web.Response:
     _state(request).reset()
     return web.json_response({"ok": True})
@@ -505,5 +545,6 @@ def build_app(config: SimConfig, state: SimState | None = None) -> web.Applicati
     for method in ("GET", "POST"):
         app.router.add_route(method, "/_sim/config", sim_config)
         app.router.add_route(method, "/_sim/faults", sim_faults)
+    app.router.add_post("/_sim/jobs", sim_jobs)
     app.router.add_post("/_sim/reset", sim_reset)
     return app
