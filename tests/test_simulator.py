@@ -466,12 +466,33 @@ def test_the_bill_adds_chat_tokens_and_completed_jobs_at_catalog_prices(make_sim
 
 
 def test_every_answer_carries_a_request_id_and_rate_limit_headers(make_sim: Callable[..., Sim]) -> None:
-    _, client = make_sim()
-    for response in (client.post("/v1/chat/completions", json=CHAT), client.get("/v1/tasks/task_01NOPE")):
+    _, client = make_sim(video_seconds=0)
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as streamed:
+        streamed.read()
+    answers = [client.post("/v1/chat/completions", json=CHAT), client.get("/v1/tasks/task_01NOPE"), streamed]
+    for response in answers:
         assert response.headers["x-request-id"].startswith("req_")
         assert response.headers["x-ratelimit-limit"] == "1000"
         assert int(response.headers["x-ratelimit-remaining"]) < 1000
         assert 0 <= float(response.headers["x-ratelimit-reset"]) <= 1
+    video = result_urls(task(client, submit(client, "video", VIDEO)))[0]
+    files = [client.get(video), client.head(video), client.get(video.replace("/0.mp4", "/7.mp4"))]
+    unrouted = client.get("/v2/nowhere")  # the router's own 404, in the provider's error shape
+    assert unrouted.status_code == 404 and unrouted.json()["error"]["type"] == "not_found_error"
+    ids = [r.headers["x-request-id"] for r in [*answers, *files, unrouted]]
+    assert len(set(ids)) == len(ids) and all(i.startswith("req_") for i in ids)
+    assert [r.status_code for r in files] == [200, 200, 404]
+    assert files[2].text.count(files[2].headers["x-request-id"]) == 1  # in the S3-style error body too
+
+
+def test_a_scripted_timeout_holds_back_a_streamed_answer_before_it_starts(make_sim: Callable[..., Sim]) -> None:
+    _, client = make_sim(timeout_hang_s=0.5)
+    client.post("/_sim/faults", json={"script": [{"path": "/v1/chat/completions", "status": "timeout"}]})
+    started = time.monotonic()
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5) as response:
+        assert time.monotonic() - started >= 0.45  # held back before the first byte, headers included
+        assert response.headers["x-request-id"].startswith("req_")
+        assert [line for line in response.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
 
 
 def test_exceeding_the_per_second_limit_is_429_with_retry_after(make_sim: Callable[..., Sim]) -> None:
