@@ -21,9 +21,11 @@ before the step): detect lag = when the poller committed the video step as succe
 Then a saturation step (every job due at once, more than the poller can do) gives the most
 polls/s the poller applies, and the raw yardstick: the most GET /v1/tasks/{id} a second that
 the fastest asyncio client tried (aiohttp, httpx, and the poller's own ``HttpTaskReader``, on
-asyncio's loop and on uvloop) does against the same simulator, with no database and no gateway.
-N jobs at a 2 s cadence can ask for at most N/2 polls a second, so the saturation step needs
-N/2 above anything the poller does: 30,000 (15,000/s; the poller applies ~9,000-12,500/s here).
+asyncio's loop and on uvloop) does against the same simulator, with no database and no gateway,
+measured just before the saturation step and again just after it (each client's better run
+counts: the machine's speed drifts within minutes). N jobs at a 2 s cadence can ask for at most
+N/2 polls a second, so the saturation step needs N/2 above anything the poller does: 30,000
+(15,000/s; the poller has applied 4,000-12,500/s here, depending on the day).
 With 12,000 (the old quick size) the step measured the demand, ~5,000/s, not the poller.
 """
 
@@ -432,8 +434,6 @@ def measure_poller(
             next_poll_at=[None] * total,
         )
         log(f"  seeded {total} in-flight jobs in {time.perf_counter() - started:.1f} s")
-        # the raw yardstick, before the steps and again after them: machine speed drifts
-        early_raw = raw_http_rates(sim.base_url, key, long_ids[:2000], 1.5 if quick else 2.5) if not quick else {}
         figures = PollerFigures(capacity=0)
         missed: int | None = None
         for n in sizes:
@@ -457,7 +457,10 @@ def measure_poller(
         if figures.capacity == 0:  # not even the smallest: report its detect lag anyway
             figures.detect_lag_p99_s = figures.steps[0].detect_lag_p99_s
             figures.detect_lag_n = figures.steps[0].n
-        # saturation: every job due at once; the most polls/s the poller applies
+        # saturation: every job due at once; the most polls/s the poller applies, with the raw
+        # yardstick measured just before it and again just after (this machine's speed drifts)
+        raw_s = 1.5 if quick else 2.5
+        early_raw = raw_http_rates(sim.base_url, key, long_ids[:2000], raw_s, quick=quick)
         spy = profile_dir / "poller.raw" if profile_dir else None
         sat = _measure_step(rt, sim, seeder, key, saturate_n, max(4.0, window_s * 0.5), 2, spy, spread_s=0.0)
         figures.max_polls_per_s = max(sat.polls_per_s, *(s.polls_per_s for s in figures.steps))
@@ -470,7 +473,6 @@ def measure_poller(
         if spy is not None:
             figures.profile = summarise(spy)
         _activate(rt, "long", 0, datetime.now(UTC), INTERVAL_S)
-        raw_s = 1.5 if quick else 2.5
         for name, rate in raw_http_rates(sim.base_url, key, long_ids[:2000], raw_s, quick=quick).items():
             figures.raw[name] = max(rate, early_raw.get(name, 0.0))
         log("  raw GET /v1/tasks/{id}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in figures.raw.items()))
