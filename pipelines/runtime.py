@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import httpx
 
 from config.catalog import Catalog, load_catalog
+from config.errors import StorageError
 from config.logging import register_secret
 from config.settings import Settings
 from pipelines.audit import DatabaseAuditSink
@@ -78,6 +80,14 @@ class Runtime:
             timeout=httpx.Timeout(self.settings.http_timeout_s, connect=self.settings.http_connect_timeout_s),
             follow_redirects=True,
         )
+
+    def warm(self) -> None:
+        """Build now what a step would otherwise build on its first use: the provider and download
+        clients (their TLS contexts), the shared-state client, and the object store's signer and
+        endpoint (by signing a URL, which is done locally). Nothing goes over the network."""
+        _ = self.gateway, self.downloads, self.shared
+        with contextlib.suppress(StorageError):  # no credentials yet, say: the first real call reports it
+            self.store.presigned_url("genline-warm-up", 60)
 
     def close(self) -> None:
         if "downloads" in self.__dict__:
