@@ -459,7 +459,7 @@ def measure_poller(
             figures.detect_lag_n = figures.steps[0].n
         # saturation: every job due at once; the most polls/s the poller applies, with the raw
         # yardstick measured just before it and again just after (this machine's speed drifts)
-        raw_s = 1.5 if quick else 2.5
+        raw_s = 1.0 if quick else 2.5  # per client, twice
         early_raw = raw_http_rates(sim.base_url, key, long_ids[:2000], raw_s, quick=quick)
         spy = profile_dir / "poller.raw" if profile_dir else None
         sat = _measure_step(rt, sim, seeder, key, saturate_n, max(4.0, window_s * 0.5), 2, spy, spread_s=0.0)
