@@ -25,7 +25,7 @@ asyncio's loop and on uvloop) does against the same simulator, with no database 
 measured just before the saturation step and again just after it (each client's better run
 counts: the machine's speed drifts within minutes). N jobs at a 2 s cadence can ask for at most
 N/2 polls a second, so the saturation step needs N/2 above anything the poller does: 30,000
-(15,000/s; the poller has applied 4,000-12,500/s here, depending on the day).
+(15,000/s; the poller has applied 3,000-12,500/s here, depending on the day).
 With 12,000 (the old quick size) the step measured the demand, ~5,000/s, not the poller.
 """
 
