@@ -66,6 +66,15 @@ def test_a_worker_process_whose_warm_up_fails_starts_anyway_and_builds_it_at_its
     def broken(_: Runtime) -> None:
         raise OSError("no such device")
 
+    closed: list[Runtime] = []
+    real_close = Runtime.close
+
+    def close(rt: Runtime) -> None:
+        closed.append(rt)
+        real_close(rt)
+
     monkeypatch.setattr(Runtime, "warm", broken)
+    monkeypatch.setattr(Runtime, "close", close)
     fork_hook()  # does not raise: Celery would otherwise replace the process, again and again
     assert tasks.steps._runtime is None
+    assert len(closed) == 1  # the half-warmed runtime was closed, not left holding connections
