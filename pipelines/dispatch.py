@@ -28,6 +28,8 @@ def queue_for(kind: str, priority: str) -> str:
 class Dispatcher(Protocol):
     def send(self, step_id: str, queue: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class MemoryDispatcher:
     """Keeps nudges in order in memory; ``drain`` runs them in this process (tests, benchmarks)."""
@@ -37,6 +39,9 @@ class MemoryDispatcher:
 
     def send(self, step_id: str, queue: str) -> None:
         self.sent.append((step_id, queue))
+
+    def close(self) -> None:
+        pass
 
     def pop(self) -> str | None:
         return self.sent.popleft()[0] if self.sent else None

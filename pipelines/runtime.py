@@ -94,4 +94,5 @@ class Runtime:
             self.downloads.close()
         if "gateway" in self.__dict__:
             self.gateway.close()
+        self.dispatcher.close()
         self.db.dispose()

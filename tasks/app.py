@@ -16,6 +16,7 @@ from kombu.entity import Queue as KombuQueue
 
 from config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
 from config.settings import Settings
+from tasks.messages import direct_redis
 from workers.broker import broker_transport, broker_url
 
 
@@ -63,13 +64,22 @@ def flower_celery(settings: Settings) -> Celery:
 
 
 class CeleryDispatcher:
-    """Sends a step's id, and nothing else, to the queue for its kind of work."""
+    """Sends a step's id, and nothing else, to the queue for its kind of work: straight onto the
+    queue's Redis list on a ``redis://`` broker (``tasks/messages.py``), through Celery otherwise."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self.direct = direct_redis(app)
 
     def send(self, step_id: str, queue: str) -> None:
+        if self.direct is not None:
+            self.direct.send(step_id, queue)
+            return
         # Declaring the queue with the message (cached per connection by kombu) means a nudge sent
         # before any worker has started, or after Redis lost its bindings, is kept, not dropped.
         declared = self.app.amqp.queues[queue]
         self.app.send_task(RUN_STEP_TASK, args=[step_id], queue=declared, declare=[declared])
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()

@@ -1,19 +1,27 @@
-"""The Redis transport genline's Celery app uses: kombu's, reusing one client object per channel.
+"""The Redis transport genline's Celery app uses: kombu's, reusing one client object per channel;
+and the nudges pushed straight onto a queue's list (``tasks/messages.py``).
 
-It must deliver and acknowledge exactly as kombu's does (a real worker runs whole pipelines on it
-in test_production_footprint.py); here: it is the one chosen for ``redis://`` and only for it, the
-app Flower runs on reads back a plain ``redis://`` URL, and messages round-trip through a real Redis.
+Both must deliver exactly as kombu's own path does (a real worker runs whole pipelines on them in
+test_production_footprint.py); here: the transport is the one chosen for ``redis://`` and only for
+it, the app Flower runs on reads back a plain ``redis://`` URL, messages round-trip through a real
+Redis, and a direct nudge is, field for field, the message Celery itself would have sent.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
+from celery._state import _task_stack
 from kombu import Connection, Queue
 
+from config.constants import RUN_STEP_TASK
 from config.settings import load_settings
-from tasks.app import flower_celery, make_celery
+from tasks.app import CeleryDispatcher, flower_celery, make_celery
+from tasks.messages import RedisNudges, direct_redis
 from workers.broker import REDIS_TRANSPORT, RedisTransport, broker_transport
 
 
@@ -63,3 +71,93 @@ def test_one_client_object_per_channel_and_messages_round_trip(redis_url: str) -
         with channel.conn_or_acquire() as client:
             assert client.connection_pool is channel.pool is not old  # a new client on the new pool
             client.delete(queue.name)
+
+
+def _pushed(client: redis.Redis, queue: str) -> dict[str, Any]:
+    raw = client.rpop(queue)
+    assert raw is not None, f"nothing on {queue}"
+    message: dict[str, Any] = json.loads(raw)
+    return message
+
+
+def _without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """What two sends of the same nudge share: all but the new ids each send makes."""
+    shape = json.loads(json.dumps(message))
+    shape["headers"].pop("id")
+    shape["properties"].pop("correlation_id")
+    shape["properties"].pop("delivery_tag")
+    if shape["headers"]["root_id"] == message["headers"]["id"]:  # a root task: its own root
+        shape["headers"]["root_id"] = "itself"
+    return shape
+
+
+@pytest.mark.parametrize("from_a_running_step", [False, True])
+def test_a_direct_nudge_is_the_message_celery_would_have_sent(
+    tmp_path: Path, redis_url: str, from_a_running_step: bool
+) -> None:
+    app = make_celery(_settings(tmp_path, redis_url))  # type: ignore[arg-type]
+    dispatcher = CeleryDispatcher(app)
+    assert isinstance(dispatcher.direct, RedisNudges)
+    celery_path = CeleryDispatcher(app)
+    celery_path.direct = None
+    client = redis.Redis.from_url(redis_url)
+
+    @app.task(name=RUN_STEP_TASK)  # type: ignore[untyped-decorator]  # Celery ships no types
+    def run_step(step_id: str) -> None: ...
+
+    task = run_step
+    if from_a_running_step:  # as a worker runs a step: Celery links what it sends to that task
+        task.push_request(id="running-task", root_id="first-task", called_directly=False)
+        _task_stack.push(task)
+    try:
+        for queue in ("genline.media", "genline.store"):
+            celery_path.send("st_0123", queue)
+            theirs = _pushed(client, queue)
+            dispatcher.send("st_0123", queue)
+            ours = _pushed(client, queue)
+            assert _without_ids(ours) == _without_ids(theirs)
+            assert ours["headers"]["id"] == ours["properties"]["correlation_id"] != theirs["headers"]["id"]
+            assert ours["properties"]["delivery_tag"] != theirs["properties"]["delivery_tag"]
+            expected_parent = "running-task" if from_a_running_step else None
+            assert ours["headers"]["parent_id"] == theirs["headers"]["parent_id"] == expected_parent
+    finally:
+        if from_a_running_step:
+            _task_stack.pop()
+            task.pop_request()
+        dispatcher.close()
+        celery_path.close()
+        client.close()
+
+
+def test_a_direct_nudge_is_read_by_a_consumer_of_the_queue(tmp_path: Path, redis_url: str) -> None:
+    app = make_celery(_settings(tmp_path, redis_url))  # type: ignore[arg-type]
+    dispatcher = CeleryDispatcher(app)
+    dispatcher.send("st_read_me", "genline.copy")  # before any consumer or binding exists: kept
+    got: list[tuple[Any, str]] = []
+    with app.connection_for_read() as conn:
+        queue = app.amqp.queues["genline.copy"]
+        with conn.Consumer(queue, callbacks=[lambda body, m: (got.append((body, m.headers["task"])), m.ack())]):
+            conn.drain_events(timeout=5)
+    dispatcher.close()
+    no_workflow = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    assert got == [([["st_read_me"], {}, no_workflow], RUN_STEP_TASK)]
+
+
+@pytest.mark.parametrize(
+    ("broker", "options", "direct"),
+    [
+        ("redis://127.0.0.1:6379/13", {}, True),
+        (None, {}, False),  # the embedded broker
+        ("redis://127.0.0.1:6379/13", {"global_keyprefix": "tenant:"}, False),
+        ("amqp://guest@127.0.0.1//", {}, False),
+    ],
+)
+def test_the_direct_path_is_only_taken_where_it_writes_what_celery_would(
+    tmp_path: Path, broker: str | None, options: dict[str, str], direct: bool
+) -> None:
+    app = make_celery(_settings(tmp_path, broker))  # type: ignore[arg-type]
+    app.conf.broker_transport_options = {**(app.conf.broker_transport_options or {}), **options}
+    nudges = direct_redis(app)
+    assert (nudges is not None) is direct
+    if nudges is not None:
+        nudges.close()

@@ -1,0 +1,126 @@
+"""A step's nudge on Redis: the message Celery would publish, pushed onto the queue's list directly.
+
+Celery's publish path (``send_task`` → kombu's producer → the Redis channel) spends ~330–360 µs
+of CPU on a nudge here, of which ~125 is the ``LPUSH`` itself; the same message built from a fixed
+shape and pushed with one ``LPUSH`` costs ~140 (measured side by side). Every nudge takes this
+path on a ``redis://`` broker: a submit's first step, each step's next one, the poller's and the
+sweeper's. A nudge is an id on a list, so nothing here decides anything: the database does.
+
+The message is Celery's task protocol 2 in kombu's Redis envelope, field for field as
+``send_task`` writes it for ``genline.run_step``; ``tests/integration/test_broker.py`` compares
+the two, so a Celery or kombu upgrade that changes either fails there, and a real worker runs
+whole pipelines from these messages (``test_production_footprint.py``). What Celery's path does
+and this one does not, and why nothing is lost:
+- Routing: kombu's Redis transport sends a message for the default exchange (``""``, which is what
+  ``send_task`` uses for genline's queues) to the list named by its routing key, as here; a
+  message restored after a lost worker goes back to the same list either way.
+- Queue bindings: the list is the queue a worker reads, so a nudge sent before any worker has
+  started is kept; no binding is needed for that.
+- Publish signals and ``task-sent`` events: genline uses neither (``tasks/app.py``).
+- Publish retries: redis-py retries a dropped connection (below); if the broker is down the
+  nudge fails, is logged, and the sweeper sends it again (``pipelines/engine.py``).
+
+Only for plain ``redis://`` brokers without a global key prefix; any other broker goes through
+Celery's own path.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from config.constants import RUN_STEP_TASK
+
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # no workflow: ids only
+_dumps = json.JSONEncoder().encode  # kombu's json serializer writes the same for these values
+
+
+def direct_redis(app: Celery) -> RedisNudges | None:
+    """The direct path for this app's broker, or None where Celery's own path must be taken."""
+    url = str(app.conf.broker_url or "")
+    options = app.conf.broker_transport_options or {}
+    if not url.startswith("redis://") or options.get("global_keyprefix") or app.conf.broker_use_ssl:
+        return None
+    return RedisNudges(app, url)
+
+
+class RedisNudges:
+    """Builds ``run_step(step_id)`` messages and pushes them onto a queue's Redis list."""
+
+    def __init__(self, app: Celery, url: str) -> None:
+        self._app = app
+        # The same patience Celery's publish retry has by default: three more tries, ~0.2 s apart.
+        self.client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 3),
+            health_check_interval=30,
+        )
+        self._origin: tuple[int, str] | None = None
+
+    def _origin_name(self) -> str:
+        pid = os.getpid()  # "gen<pid>@<host>", as Celery names a producer; per process (workers fork)
+        if self._origin is None or self._origin[0] != pid:
+            self._origin = (pid, anon_nodename())
+        return self._origin[1]
+
+    def message(self, step_id: str, queue: str) -> str:
+        task_id = str(uuid.uuid4())
+        args = [step_id]
+        root_id, parent_id = task_id, None
+        parent = self._app.current_worker_task  # sent from a running step: linked to it, as Celery links them
+        if parent is not None:
+            root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
+        body = base64.b64encode(_dumps([args, {}, _EMBED]).encode()).decode("ascii")
+        envelope: dict[str, Any] = {
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": RUN_STEP_TASK,
+                "id": task_id,
+                "shadow": None,
+                "eta": None,
+                "expires": None,
+                "group": None,
+                "group_index": None,
+                "retries": 0,
+                "timelimit": [None, None],
+                "root_id": root_id,
+                "parent_id": parent_id,
+                "argsrepr": repr(args),
+                "kwargsrepr": "{}",
+                "origin": self._origin_name(),
+                "ignore_result": None,
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": self._app.thread_oid,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return _dumps(envelope)
+
+    def send(self, step_id: str, queue: str) -> None:
+        self.client.lpush(queue, self.message(step_id, queue))  # priority 0: the list is the queue's name
+
+    def close(self) -> None:
+        self.client.close()
