@@ -21,7 +21,7 @@ from config.settings import Settings
 from pipelines.api import Genline
 from pipelines.drain import drain
 from pipelines.engine import run_step
-from pipelines.poller import Poller
+from pipelines.poller import Poller, next_poll_s
 from pipelines.runtime import Runtime
 from pipelines.sweeper import sweep
 from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, Stage
@@ -479,3 +479,18 @@ def test_a_wait_longer_than_allowed_is_refused_before_the_breaker_claims_a_probe
     with pytest.raises(RateLimited):
         gateway._before(CallContext(model="m"), "chat")
     assert state.get("breaker:m:probe") is None  # still free for the call that gets through
+
+
+@pytest.mark.parametrize(
+    ("due_s", "applied_s", "expected_s"),
+    [
+        (100.0, 100.3, 102.0),  # applied 0.3 s late: still read 2 s after it was due
+        (100.0, 100.0, 102.0),
+        (100.0, 101.5, 102.5),  # far behind: not sooner than half a cadence after this answer
+        (100.0, 109.0, 110.0),
+    ],
+)
+def test_a_job_is_read_one_cadence_after_its_poll_was_due_not_after_its_answer_landed(
+    due_s: float, applied_s: float, expected_s: float
+) -> None:
+    assert next_poll_s(due_s, applied_s, 2.0) == pytest.approx(expected_s)
