@@ -436,7 +436,10 @@ def section_poller(
 ) -> None:
     from workers.bench_poller import measure_poller
 
-    print("bench: poller capacity at a 2 s cadence (PostgreSQL + Redis; lateness p99 ≤ 1 s)", flush=True)
+    print(
+        "bench: poller capacity at a 2 s cadence (PostgreSQL + Redis; p99 lateness ≤ 1 s, 95% of polls due)",
+        flush=True,
+    )
     with database() as db_url:
         result = measure_poller(db_url, broker, var, quick=args.quick, profile_dir=profile_dir)
     redis.Redis.from_url(broker).flushdb()
