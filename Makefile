@@ -35,8 +35,9 @@ bench: $(STAMP) ## Measure throughput against a bare Celery chain; writes var/be
 chaos: $(STAMP) ## Faults, kills and restarts on the production footprint; exits 1 if an invariant breaks (QUICK=1: 40 pipelines)
 	$(BIN)/genline chaos $(if $(QUICK),--quick,)
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff: the lint rules, and the formatting (Python blocks in README.md included)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP) ## mypy, strict on the code
 	$(BIN)/mypy
