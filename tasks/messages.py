@@ -20,8 +20,8 @@ and this one does not, and why nothing is lost:
 - Publish retries: redis-py retries a dropped connection (below); if the broker is down the
   nudge fails, is logged, and the sweeper sends it again (``pipelines/engine.py``).
 
-Only for plain ``redis://`` brokers without a global key prefix; any other broker goes through
-Celery's own path.
+Only for plain ``redis://`` brokers without a global key prefix or TLS options; any other broker
+goes through Celery's own path.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class RedisNudges:
 
     def __init__(self, app: Celery, url: str) -> None:
         self._app = app
-        # The same patience Celery's publish retry has by default: three more tries, ~0.2 s apart.
+        # About the patience of Celery's default publish retry: three more tries, at most 0.2 s apart.
         self.client = redis.Redis.from_url(
             url,
             socket_connect_timeout=5,

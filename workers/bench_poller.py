@@ -56,7 +56,7 @@ from workers.bench_sim import SimProcess
 INTERVAL_S = 2.0
 LONG_RENDER_S = 3600.0
 ON_SCHEDULE_P99_S = 1.0
-ON_SCHEDULE_RATE = 0.95  # of N / interval, applied
+ON_SCHEDULE_RATE = 0.95  # of the polls due a second (``due_per_s``), applied
 
 
 @dataclass
