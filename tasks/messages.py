@@ -20,8 +20,8 @@ and this one does not, and why nothing is lost:
 - Publish retries: redis-py retries a dropped connection (below); if the broker is down the
   nudge fails, is logged, and the sweeper sends it again (``pipelines/engine.py``).
 
-Only for plain ``redis://`` brokers without a global key prefix or TLS options; any other broker
-goes through Celery's own path.
+Only for plain ``redis://`` URLs (no query string) without a global key prefix or TLS options;
+any other broker goes through Celery's own path.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import json
 import os
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
@@ -49,6 +50,8 @@ def direct_redis(app: Celery) -> RedisNudges | None:
     url = str(app.conf.broker_url or "")
     options = app.conf.broker_transport_options or {}
     if not url.startswith("redis://") or options.get("global_keyprefix") or app.conf.broker_use_ssl:
+        return None
+    if urlsplit(url).query:  # kombu's options (``?visibility_timeout=``...) would break redis-py's client
         return None
     return RedisNudges(app, url)
 

@@ -149,6 +149,7 @@ def test_a_direct_nudge_is_read_by_a_consumer_of_the_queue(tmp_path: Path, redis
         ("redis://127.0.0.1:6379/13", {}, True),
         (None, {}, False),  # the embedded broker
         ("redis://127.0.0.1:6379/13", {"global_keyprefix": "tenant:"}, False),
+        ("redis://127.0.0.1:6379/13?visibility_timeout=3600", {}, False),  # kombu's, not redis-py's
         ("amqp://guest@127.0.0.1//", {}, False),
     ],
 )
