@@ -105,7 +105,7 @@ SETTINGS: tuple[Setting, ...] = (
         "broker_url",
         EMBEDDED_BROKER,
         "Celery broker. `embedded` is a SQLite-backed broker in the var folder that needs no server; "
-        "production: redis://host:6379/0.",
+        "production: redis://host:6379/0 (no options after `?`; rediss:// takes the ssl_* certificate options).",
     ),
     Setting(
         "GENLINE_STORAGE_URL",
@@ -403,11 +403,36 @@ def _check_urls(values: dict[str, Any]) -> None:
     broker = values["broker_url"]
     if broker != EMBEDDED_BROKER and urlsplit(broker).scheme not in {"redis", "rediss", "amqp", "sqla+sqlite"}:
         raise ConfigError("GENLINE_BROKER_URL must be `embedded`, redis://host:port/db or amqp://...")
+    _check_redis_url_options(broker)
     store = urlsplit(values["storage_url"])
     if store.scheme not in {"file", "s3"}:
         raise ConfigError("GENLINE_STORAGE_URL must be file:///path or s3://bucket/prefix.")
     if store.scheme == "s3" and not store.netloc:
         raise ConfigError("GENLINE_STORAGE_URL s3://... must name a bucket, e.g. s3://genline-outputs/videos.")
+
+
+# What a Redis broker URL may carry after "?": read alike by kombu (the broker) and by redis-py
+# (shared state, nudges). Anything else, kombu's transport options above all, would reach
+# redis-py's connection as an unknown argument and fail every call to it, not at start-up.
+_REDIS_URL_OPTIONS = {
+    "redis": frozenset(),
+    "rediss": frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}),
+}
+
+
+def _check_redis_url_options(broker: str) -> None:
+    url = urlsplit(broker)
+    allowed = _REDIS_URL_OPTIONS.get(url.scheme)
+    if allowed is None or not url.query:
+        return
+    extra = sorted({part.split("=", 1)[0] for part in url.query.split("&") if part} - allowed)
+    if extra:
+        takes = f"only {', '.join(sorted(allowed))}" if allowed else "none"
+        raise ConfigError(
+            f"GENLINE_BROKER_URL has options genline cannot pass on: {', '.join(extra)}. genline sets "
+            f"Celery's transport options itself (GENLINE_VISIBILITY_TIMEOUT_S, for one); a {url.scheme}:// "
+            f"URL takes {takes} after '?'."
+        )
 
 
 def settings_table_markdown() -> str:

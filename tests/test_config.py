@@ -38,6 +38,8 @@ def test_a_misspelled_setting_is_an_error_with_a_suggestion() -> None:
         ("GENLINE_DATABASE_URL", "mysql://x/y", "sqlite"),
         ("GENLINE_STORAGE_URL", "s3://", "bucket"),
         ("GENLINE_BROKER_URL", "kafka://x", "embedded"),
+        ("GENLINE_BROKER_URL", "redis://localhost:6379/0?visibility_timeout=3600", "visibility_timeout"),
+        ("GENLINE_BROKER_URL", "rediss://localhost:6380/0?ssl_cert_reqs=required&socket_timeout=5", "socket_timeout"),
     ],
 )
 def test_invalid_values_fail_loudly(name: str, value: str, words: str) -> None:
@@ -98,3 +100,8 @@ def test_a_profile_naming_an_unknown_model_fails_at_start_up() -> None:
     }
     with pytest.raises(ConfigError, match="'nope'"):
         parse_catalog(raw)
+
+
+def test_a_rediss_broker_url_may_carry_its_tls_options() -> None:
+    url = "rediss://:secret@localhost:6380/0?ssl_cert_reqs=required"
+    assert load_settings({"GENLINE_BROKER_URL": url}).broker_url == url
