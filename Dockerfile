@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY genline genline
 COPY config config
 COPY storage storage
 COPY provider provider

@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from cli.output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, emit_json
-from cli.progress import wait_for
-from config.errors import GenlineError, ValidationError
-from config.settings import load_settings
-from pipelines.request import PipelineRequest, validate_request
+from genline.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, emit_json
+from genline.cli.progress import wait_for
+from genline.config.errors import GenlineError, ValidationError
+from genline.config.settings import load_settings
+from genline.pipelines.request import PipelineRequest, validate_request
 
 
 def read_lines(path: Path, catalog: Any) -> tuple[list[tuple[int, PipelineRequest]], list[dict[str, Any]]]:
@@ -46,8 +46,8 @@ def _say_bad(item: dict[str, Any]) -> None:
 
 
 def run_batch(path: Path, *, strict: bool, wait: bool, as_json: bool) -> int:
-    from pipelines.api import Genline
-    from pipelines.submit import submit_pipeline
+    from genline.pipelines.api import Genline
+    from genline.pipelines.submit import submit_pipeline
 
     with Genline(load_settings()) as api:
         rt = api.runtime

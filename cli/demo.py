@@ -16,11 +16,11 @@ from typing import Any
 
 import click
 
-from cli.output import emit_json, fail
-from cli.progress import wait_for
-from config.errors import GenlineError
-from config.logging import configure_logging
-from config.settings import Secret, load_settings
+from genline.cli.output import emit_json, fail
+from genline.cli.progress import wait_for
+from genline.config.errors import GenlineError
+from genline.config.logging import configure_logging
+from genline.config.settings import Secret, load_settings
 
 SAMPLES = (
     ("Hand-thrown stoneware mug with a speckled oatmeal glaze, 350 ml, dishwasher safe.", "standard"),
@@ -33,7 +33,7 @@ SAMPLES = (
 
 def sample_image(folder: Path, index: int) -> Path:
     """A real PNG product photo stand-in (the simulator's deterministic renderer draws it)."""
-    from provider.simulator.media import png_bytes
+    from genline.provider.simulator.media import png_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"product-{index + 1}.png"
@@ -56,12 +56,12 @@ def sample_image(folder: Path, index: int) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON document.")
 def demo(count: int, workers: int, video_seconds: float, timeout_s: float, as_json: bool) -> None:
     """Run sample pipelines end to end on this machine and report each one's outcome."""
-    from pipelines.api import Genline
-    from pipelines.runtime import Runtime
-    from provider.simulator import SimConfig, start_simulator
-    from storage.migrate import upgrade
-    from tasks.app import CeleryDispatcher, make_celery
-    from workers.processes import ProcessGroup
+    from genline.pipelines.api import Genline
+    from genline.pipelines.runtime import Runtime
+    from genline.provider.simulator import SimConfig, start_simulator
+    from genline.storage.migrate import upgrade
+    from genline.tasks.app import CeleryDispatcher, make_celery
+    from genline.workers.processes import ProcessGroup
 
     try:
         settings = load_settings()

@@ -15,17 +15,17 @@ from typing import Any
 
 import click
 
-from cli.output import EXIT_FAILED, describe_status, emit_json, fail
-from cli.progress import wait_for
-from config.errors import GenlineError, ValidationError
-from config.logging import configure_logging
-from config.settings import load_settings
+from genline.cli.output import EXIT_FAILED, describe_status, emit_json, fail
+from genline.cli.progress import wait_for
+from genline.config.errors import GenlineError, ValidationError
+from genline.config.logging import configure_logging
+from genline.config.settings import load_settings
 
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
 
 
 def _api() -> Any:
-    from pipelines.api import Genline
+    from genline.pipelines.api import Genline
 
     return Genline(load_settings())
 
@@ -182,7 +182,7 @@ def batch(path: Path, strict: bool, wait: bool, as_json: bool) -> None:
     submitting the same file again creates nothing new. Bad lines are reported by line number;
     the exit code is 2 if any line was bad.
     """
-    from cli.batch import run_batch
+    from genline.cli.batch import run_batch
 
     try:
         sys.exit(run_batch(path, strict=strict, wait=wait, as_json=as_json))
@@ -194,7 +194,7 @@ def batch(path: Path, strict: bool, wait: bool, as_json: bool) -> None:
 @click.option("--markdown", is_flag=True, help="Print the settings table as Markdown (as in the README).")
 def config_cmd(markdown: bool) -> None:
     """Check the settings from the environment and print them (the API key is never shown)."""
-    from config.settings import SETTINGS, settings_table_markdown
+    from genline.config.settings import SETTINGS, settings_table_markdown
 
     if markdown:
         click.echo(settings_table_markdown())
@@ -214,14 +214,8 @@ def config_cmd(markdown: bool) -> None:
         click.echo(f"{s.env:<32} {value}")
 
 
-def _chaos_command() -> click.Command:
-    from cli.chaos import chaos
-
-    return chaos
-
-
 def _provider_group() -> click.Group:
-    from cli.provider import provider
+    from genline.cli.provider import provider
 
     return provider
 
@@ -235,8 +229,8 @@ def _without_password(url: str) -> str:
 
 
 def _register_subcommands() -> None:
-    from cli.demo import demo
-    from cli.services import db, flower, poller, simulator, worker
+    from genline.cli.demo import demo
+    from genline.cli.services import db, flower, poller, simulator, worker
 
     for command in (demo, worker, poller, simulator, db, flower):
         cli.add_command(command)
@@ -244,7 +238,6 @@ def _register_subcommands() -> None:
 
 _register_subcommands()
 cli.add_command(_provider_group())
-cli.add_command(_chaos_command())
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import click
 
-from config.errors import ConfigError, GenlineError, UserError
+from genline.config.errors import ConfigError, GenlineError, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
 

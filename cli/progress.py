@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from config.constants import PIPELINE_TERMINAL
+from genline.config.constants import PIPELINE_TERMINAL
 
 STEP_WEIGHT = 100
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from cli.output import emit_json, fail
-from config.errors import GenlineError
-from config.settings import load_settings
-from provider.shared_state import SharedState, shared_state_for
-from provider.stages import PAUSE_KEY
+from genline.cli.output import emit_json, fail
+from genline.config.errors import GenlineError
+from genline.config.settings import load_settings
+from genline.provider.shared_state import SharedState, shared_state_for
+from genline.provider.stages import PAUSE_KEY
 
 
 @click.group()

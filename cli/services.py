@@ -11,12 +11,12 @@ from typing import Any
 
 import click
 
-from cli.output import fail
-from config.constants import ALL_QUEUES
-from config.errors import GenlineError
-from config.logging import configure_logging
-from config.loop import run as run_loop
-from config.settings import load_settings
+from genline.cli.output import fail
+from genline.config.constants import ALL_QUEUES
+from genline.config.errors import GenlineError
+from genline.config.logging import configure_logging
+from genline.config.loop import run as run_loop
+from genline.config.settings import load_settings
 
 
 def _settings() -> Any:
@@ -31,8 +31,8 @@ def _settings() -> Any:
 def _ready(settings: Any) -> None:
     """Start-up checks of a long-running part: the database answers and has genline's schema.
     A failure is a plain error with its code (exit 2), not a traceback."""
-    from storage.db import Database
-    from storage.migrate import require_current
+    from genline.storage.db import Database
+    from genline.storage.migrate import require_current
 
     try:
         Database(settings.database_url).check()
@@ -58,7 +58,7 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, loglevel:
     unknown = sorted(set(queues.split(",")) - set(ALL_QUEUES))
     if unknown:
         raise click.BadParameter(f"unknown queue {unknown[0]}; known: {', '.join(ALL_QUEUES)}", param_hint="--queues")
-    from tasks.steps import celery_app
+    from genline.tasks.task import celery_app
 
     _ready(settings)
     app = celery_app(settings)
@@ -84,10 +84,10 @@ def poller(once: bool) -> None:
     """Watch in-flight provider jobs (every GENLINE_POLL_INTERVAL_S) and move finished ones on.
     Also runs the sweeper that re-sends lost step messages."""
     settings = _settings()
-    from pipelines.poller import Poller
-    from pipelines.runtime import Runtime
-    from tasks.app import CeleryDispatcher, make_celery
-    from workers.broker import prune_delivered
+    from genline.pipelines.runtime import Runtime
+    from genline.tasks.app import CeleryDispatcher, make_celery
+    from genline.workers.broker import prune_delivered
+    from genline.workers.poller import Poller
 
     rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
     _ready(settings)
@@ -150,8 +150,8 @@ def simulator(host: str, port: int, require_key: bool, **knobs: Any) -> None:
     Admin endpoints for tests and operators: GET /_sim/stats, POST /_sim/config, POST /_sim/faults,
     POST /_sim/reset.
     """
-    from provider.simulator import SimConfig
-    from provider.simulator.runner import serve_forever
+    from genline.provider.simulator import SimConfig
+    from genline.provider.simulator.runner import serve_forever
 
     api_key = None
     if require_key:
@@ -179,9 +179,9 @@ def db() -> None:
 def upgrade() -> None:
     """Create or migrate the schema to the newest version (SQLite or PostgreSQL)."""
     settings = _settings()
-    from storage.db import Database
-    from storage.migrate import current
-    from storage.migrate import upgrade as do_upgrade
+    from genline.storage.db import Database
+    from genline.storage.migrate import current
+    from genline.storage.migrate import upgrade as do_upgrade
 
     Database(settings.database_url).check()
     do_upgrade(settings.database_url)
@@ -204,6 +204,6 @@ def flower(port: int, address: str) -> None:
         sys.exit(2)
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "celery", "-A", "tasks.worker:flower", "flower"]
+        [sys.executable, "-m", "celery", "-A", "genline.tasks.worker:flower", "flower"]
         + [f"--port={port}", f"--address={address}"],
     )

@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from config.errors import ConfigError
+from genline.config.errors import ConfigError
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.json")
 _KINDS = {"chat", "image", "video"}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from config.errors import ConfigError
+from genline.config.errors import ConfigError
 
 PRODUCTION_BASE_URL = "https://api.apimart.ai"
 EMBEDDED_BROKER = "embedded"

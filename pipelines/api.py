@@ -1,6 +1,6 @@
 """The Python API for application services: submit a pipeline, get its id at once, read its status.
 
-    from pipelines.api import Genline
+    from genline.pipelines.api import Genline
 
     with Genline() as genline:                      # settings from the environment
         accepted = genline.submit({
@@ -19,18 +19,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.settings import Settings, load_settings
-from pipelines.request import validate_request
-from pipelines.runtime import Runtime
-from pipelines.status import pipeline_status
-from pipelines.submit import Accepted, submit_pipeline
+from genline.config.settings import Settings, load_settings
+from genline.pipelines.request import validate_request
+from genline.pipelines.runtime import Runtime
+from genline.pipelines.status import pipeline_status
+from genline.pipelines.submit import Accepted, submit_pipeline
 
 
 class Genline:
     def __init__(self, settings: Settings | None = None, *, runtime: Runtime | None = None) -> None:
         if runtime is None:
-            from storage.migrate import require_current
-            from tasks.app import CeleryDispatcher, make_celery
+            from genline.storage.migrate import require_current
+            from genline.tasks.app import CeleryDispatcher, make_celery
 
             settings = settings or load_settings()
             require_current(settings.database_url)
@@ -46,7 +46,7 @@ class Genline:
 
     def cancel(self, pipeline_id: str) -> dict[str, Any]:
         """Stop a pipeline: no later step starts; provider jobs that can be cancelled are."""
-        from pipelines.cancel import cancel_pipeline
+        from genline.pipelines.cancel import cancel_pipeline
 
         return cancel_pipeline(self.runtime, pipeline_id)
 

@@ -21,9 +21,9 @@ import psycopg
 from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
-from provider.gateway import AuditSink, CallRecord
-from storage.db import Database
-from storage.models import ProviderCall
+from genline.provider.gateway import AuditSink, CallRecord
+from genline.storage.db import Database
+from genline.storage.models import ProviderCall
 
 
 def audit_row(rec: CallRecord) -> dict[str, Any]:

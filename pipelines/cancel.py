@@ -9,14 +9,21 @@ from typing import Any
 
 from sqlalchemy import select
 
-from config.clock import utcnow
-from config.constants import JOB_TERMINAL, PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepStatus
-from config.errors import InvalidState, NotFound, ProviderError
-from config.logging import get_logger
-from pipelines.engine import pipeline_cost
-from pipelines.runtime import Runtime
-from provider.gateway import CallContext
-from storage.models import Pipeline, ProviderJob, Step
+from genline.config.clock import utcnow
+from genline.config.constants import (
+    JOB_TERMINAL,
+    PIPELINE_TERMINAL,
+    STEP_TERMINAL,
+    JobStatus,
+    PipelineStatus,
+    StepStatus,
+)
+from genline.config.errors import InvalidState, NotFound, ProviderError
+from genline.config.logging import get_logger
+from genline.pipelines.engine import pipeline_cost
+from genline.pipelines.runtime import Runtime
+from genline.provider.gateway import CallContext
+from genline.storage.models import Pipeline, ProviderJob, Step
 
 log = get_logger("genline.cancel")
 

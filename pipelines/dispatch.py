@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from config.constants import Queue, StepKind
+from genline.config.constants import Queue, StepKind
 
 _QUEUE_BY_KIND = {
     StepKind.COPY: Queue.COPY,

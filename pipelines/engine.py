@@ -27,15 +27,15 @@ from sqlalchemy import Table, bindparam, exists, func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepKind, StepStatus
-from config.errors import ConfigError, GenlineError, ProviderError
-from config.logging import get_logger
-from pipelines.audit import AuditHold, holding, write_audit
-from pipelines.dispatch import queue_for
-from pipelines.runtime import Runtime
-from pipelines.steps import PREPARE, STEP_FUNCTIONS, Done, StepContext
-from storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
+from genline.config.clock import utcnow
+from genline.config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepKind, StepStatus
+from genline.config.errors import ConfigError, GenlineError, ProviderError
+from genline.config.logging import get_logger
+from genline.pipelines.audit import AuditHold, holding, write_audit
+from genline.pipelines.dispatch import queue_for
+from genline.pipelines.runtime import Runtime
+from genline.pipelines.steps import PREPARE, STEP_FUNCTIONS, Done, StepContext
+from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 
 log = get_logger("genline.engine")
 STEPS = cast(Table, Step.__table__)

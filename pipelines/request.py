@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from config.catalog import Catalog
-from config.errors import ValidationError
+from genline.config.catalog import Catalog
+from genline.config.errors import ValidationError
 
 MAX_DESCRIPTION_CHARS = 2000
 MAX_IMAGE_BYTES = 10 * 1024 * 1024

@@ -8,18 +8,18 @@ from functools import cached_property
 
 import httpx
 
-from config.catalog import Catalog, load_catalog
-from config.errors import StorageError
-from config.logging import register_secret
-from config.settings import Settings
-from pipelines.audit import DatabaseAuditSink
-from pipelines.dispatch import Dispatcher, MemoryDispatcher
-from provider.client import ProviderClient
-from provider.gateway import Gateway, RetryPolicy, Stage
-from provider.shared_state import SharedState, shared_state_for
-from provider.stages import AccountGuard, CircuitBreaker, RateLimiter
-from storage.db import Database
-from storage.objects import ObjectStore, open_store
+from genline.config.catalog import Catalog, load_catalog
+from genline.config.errors import StorageError
+from genline.config.logging import register_secret
+from genline.config.settings import Settings
+from genline.pipelines.audit import DatabaseAuditSink
+from genline.pipelines.dispatch import Dispatcher, MemoryDispatcher
+from genline.provider.client import ProviderClient
+from genline.provider.gateway import Gateway, RetryPolicy, Stage
+from genline.provider.shared_state import SharedState, shared_state_for
+from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
+from genline.storage.db import Database
+from genline.storage.objects import ObjectStore, open_store
 
 
 @dataclass

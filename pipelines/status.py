@@ -6,9 +6,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from config.errors import NotFound
-from pipelines.runtime import Runtime
-from storage.models import Pipeline, ProviderJob
+from genline.config.errors import NotFound
+from genline.pipelines.runtime import Runtime
+from genline.storage.models import Pipeline, ProviderJob
 
 
 def pipeline_status(rt: Runtime, pipeline_id: str) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from sqlalchemy import Table, bindparam, case, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from config.catalog import Profile
-from config.clock import utcnow
-from config.constants import JobStatus, StepKind, StepStatus
-from config.errors import (
+from genline.config.catalog import Profile
+from genline.config.clock import utcnow
+from genline.config.constants import JobStatus, StepKind, StepStatus
+from genline.config.errors import (
     CircuitOpen,
     GenlineError,
     InvalidState,
@@ -43,16 +43,16 @@ from config.errors import (
     RateLimited,
     ResultExpired,
 )
-from config.logging import get_logger
-from pipelines.audit import current_hold, write_audit
-from pipelines.copy import copy_url_to_store
-from pipelines.request import sniff_image_type
-from pipelines.runtime import Runtime
-from provider.gateway import CallContext
-from provider.wire import SubmitResult
-from storage.db import wake_poller
-from storage.models import ProviderJob, Step, StoredObject, new_id
-from storage.objects import StoredObjectInfo
+from genline.config.logging import get_logger
+from genline.pipelines.audit import current_hold, write_audit
+from genline.pipelines.request import sniff_image_type
+from genline.pipelines.runtime import Runtime
+from genline.provider.gateway import CallContext
+from genline.provider.wire import SubmitResult
+from genline.storage.db import wake_poller
+from genline.storage.models import ProviderJob, Step, StoredObject, new_id
+from genline.storage.objects import StoredObjectInfo
+from genline.storage.transfer import copy_url_to_store
 
 log = get_logger("genline.steps")
 JOBS = cast(Table, ProviderJob.__table__)

@@ -34,16 +34,16 @@ from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 
-from config.clock import utcnow
-from config.constants import PipelineStatus, StepStatus
-from config.errors import IdempotencyConflict
-from config.logging import get_logger
-from pipelines.dispatch import queue_for
-from pipelines.engine import Effects, apply_effects
-from pipelines.request import PipelineRequest
-from pipelines.runtime import Runtime
-from pipelines.steps import PIPELINE
-from storage.models import Pipeline, Step, UTCDateTime, new_id
+from genline.config.clock import utcnow
+from genline.config.constants import PipelineStatus, StepStatus
+from genline.config.errors import IdempotencyConflict
+from genline.config.logging import get_logger
+from genline.pipelines.dispatch import queue_for
+from genline.pipelines.engine import Effects, apply_effects
+from genline.pipelines.request import PipelineRequest
+from genline.pipelines.runtime import Runtime
+from genline.pipelines.steps import PIPELINE
+from genline.storage.models import Pipeline, Step, UTCDateTime, new_id
 
 log = get_logger("genline.submit")
 

@@ -17,15 +17,23 @@ from typing import Any
 
 import httpx
 
-from config.constants import IDEMPOTENCY_HEADER
-from config.errors import (
+from genline.config.constants import IDEMPOTENCY_HEADER
+from genline.config.errors import (
     ProviderBadResponse,
     ProviderConnectionError,
     ProviderError,
     ProviderTimeout,
 )
-from config.settings import Secret, Settings
-from provider.wire import ChatResult, SubmitResult, TaskState, error_for_status, parse_chat, parse_submit, parse_task
+from genline.config.settings import Secret, Settings
+from genline.provider.wire import (
+    ChatResult,
+    SubmitResult,
+    TaskState,
+    error_for_status,
+    parse_chat,
+    parse_submit,
+    parse_task,
+)
 
 SUBMIT_PATHS = {"image": "/v1/images/generations", "video": "/v1/videos/generations"}
 

@@ -22,13 +22,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
-from config.catalog import Catalog
-from config.clock import utcnow
-from config.constants import JobStatus
-from config.errors import ProviderError, ProviderNotFound, ProviderRejected, RateLimited, RetryableProviderError
-from config.logging import get_logger
-from provider.client import Answer, ProviderClient
-from provider.wire import ChatResult, SubmitResult, TaskState
+from genline.config.catalog import Catalog
+from genline.config.clock import utcnow
+from genline.config.constants import JobStatus
+from genline.config.errors import ProviderError, ProviderNotFound, ProviderRejected, RateLimited, RetryableProviderError
+from genline.config.logging import get_logger
+from genline.provider.client import Answer, ProviderClient
+from genline.provider.wire import ChatResult, SubmitResult, TaskState
 
 log = get_logger("genline.gateway")
 T = TypeVar("T")

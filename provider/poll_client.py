@@ -38,10 +38,10 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from config.errors import ProviderBadResponse, ProviderConnectionError, ProviderError, ProviderTimeout
-from config.settings import Settings
-from provider.client import Answer, _headers
-from provider.wire import TaskState, error_for_status, parse_task
+from genline.config.errors import ProviderBadResponse, ProviderConnectionError, ProviderError, ProviderTimeout
+from genline.config.settings import Settings
+from genline.provider.client import Answer, _headers
+from genline.provider.wire import TaskState, error_for_status, parse_task
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024

@@ -262,7 +262,7 @@ class RedisSharedState:
             return fn(*args, **kw)
         except self._errors as exc:
             if not self._warned:
-                from config.logging import get_logger
+                from genline.config.logging import get_logger
 
                 get_logger("genline.shared_state").warning("shared_state_unreachable", error=type(exc).__name__)
                 self._warned = True

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from config.errors import (
+from genline.config.errors import (
     AccountError,
     CircuitOpen,
     ProviderConnectionError,
@@ -29,9 +29,9 @@ from config.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from config.logging import get_logger
-from provider.gateway import CallContext, CallRecord
-from provider.shared_state import Admission, Admitted, SharedState
+from genline.config.logging import get_logger
+from genline.provider.gateway import CallContext, CallRecord
+from genline.provider.shared_state import Admission, Admitted, SharedState
 
 log = get_logger("genline.stages")
 PAID = ("chat", "submit")

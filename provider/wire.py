@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from config.constants import JobStatus
-from config.errors import (
+from genline.config.constants import JobStatus
+from genline.config.errors import (
     AuthenticationFailed,
     InsufficientBalance,
     ProviderBadResponse,

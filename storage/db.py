@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from config.errors import ConfigError
+from genline.config.errors import ConfigError
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:

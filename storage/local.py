@@ -24,8 +24,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from config.errors import RetryableStorageError, StorageError
-from storage.objects import (
+from genline.config.errors import RetryableStorageError, StorageError
+from genline.storage.objects import (
     SIDECAR_SUFFIX,
     StoredObjectInfo,
     check_size,

@@ -24,7 +24,7 @@ def upgrade(url: str, revision: str = "head") -> None:
 def current(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    from storage.db import make_engine
+    from genline.storage.db import make_engine
 
     engine = make_engine(url)
     try:
@@ -40,7 +40,7 @@ def require_current(url: str) -> None:
     from alembic.script import ScriptDirectory
     from sqlalchemy.engine import make_url
 
-    from config.errors import ConfigError
+    from genline.config.errors import ConfigError
 
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     have = current(url)

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from config.clock import utcnow
+from genline.config.clock import utcnow
 
 MONEY = Numeric(14, 6)
 

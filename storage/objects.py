@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from config.errors import ConfigError, StorageError
+from genline.config.errors import ConfigError, StorageError
 
 MAX_KEY_BYTES = 1024  # S3's limit; enforced everywhere so keys stay portable
 SIDECAR_SUFFIX = ".meta.json"  # the local store keeps an object's metadata beside it under this name
@@ -169,7 +169,7 @@ def open_store(url: str, *, endpoint_url: str | None = None, region: str = "us-e
 
 
 def _open_local(netloc: str, path: str, query: str, fragment: str) -> ObjectStore:
-    from storage.local import LocalObjectStore  # late import: local.py imports this module
+    from genline.storage.local import LocalObjectStore  # late import: local.py imports this module
 
     if netloc not in ("", "localhost") or query or fragment:
         raise ConfigError("GENLINE_STORAGE_URL file:// must be a local path like file:///var/genline/objects.")
@@ -180,7 +180,7 @@ def _open_local(netloc: str, path: str, query: str, fragment: str) -> ObjectStor
 
 
 def _open_s3(netloc: str, path: str, query: str, fragment: str, endpoint_url: str | None, region: str) -> ObjectStore:
-    from storage.s3 import S3ObjectStore, make_s3_client, valid_bucket_name  # late: needs boto3
+    from genline.storage.s3 import S3ObjectStore, make_s3_client, valid_bucket_name  # late: needs boto3
 
     if "@" in netloc:
         raise ConfigError("GENLINE_STORAGE_URL must not carry credentials; use the AWS credential chain.")

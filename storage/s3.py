@@ -46,9 +46,9 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from config.errors import RetryableStorageError, StorageError
-from config.logging import get_logger
-from storage.objects import StoredObjectInfo, check_size, validate_content_type, validate_key
+from genline.config.errors import RetryableStorageError, StorageError
+from genline.config.logging import get_logger
+from genline.storage.objects import StoredObjectInfo, check_size, validate_content_type, validate_key
 
 log = get_logger("genline.storage")
 

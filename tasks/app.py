@@ -14,10 +14,10 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue as KombuQueue
 
-from config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
-from config.settings import Settings
-from tasks.messages import direct_redis
-from workers.broker import broker_transport, broker_url
+from genline.config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
+from genline.config.settings import Settings
+from genline.tasks.messages import direct_redis
+from genline.workers.broker import broker_transport, broker_url
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from celery.utils.nodenames import anon_nodename
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from config.constants import RUN_STEP_TASK
+from genline.config.constants import RUN_STEP_TASK
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # no workflow: ids only
 _dumps = json.JSONEncoder().encode  # kombu's json serializer writes the same for these values

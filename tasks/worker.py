@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from config.logging import configure_logging
-from config.settings import load_settings
-from tasks.app import flower_celery
-from tasks.steps import celery_app
+from genline.config.logging import configure_logging
+from genline.config.settings import load_settings
+from genline.tasks.app import flower_celery
+from genline.tasks.task import celery_app
 
 settings = load_settings()
 configure_logging(settings.log_level)

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from config.settings import Settings, load_settings
-from pipelines.runtime import Runtime
-from provider.simulator import SimConfig, SimulatorHandle, start_simulator
-from storage.migrate import upgrade
+from genline.config.settings import Settings, load_settings
+from genline.pipelines.runtime import Runtime
+from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
+from genline.storage.migrate import upgrade
 
 TEST_KEY = "test-key-" + uuid.uuid4().hex  # made up per run: never a real key
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -92,7 +92,7 @@ def either_rt(
 
 @pytest.fixture
 def product_png(tmp_path: Path) -> Path:
-    from provider.simulator.media import png_bytes
+    from genline.provider.simulator.media import png_bytes
 
     path = tmp_path / "mug.png"
     path.write_bytes(png_bytes(b"mug", 32))

@@ -25,9 +25,9 @@ import pytest
 import structlog
 from click.testing import CliRunner, Result
 
-from cli.main import cli
-from config.settings import SETTINGS
-from provider.simulator import SimulatorHandle
+from genline.cli.main import cli
+from genline.config.settings import SETTINGS
+from genline.provider.simulator import SimulatorHandle
 from tests.conftest import TEST_KEY
 
 RequestFn = Callable[..., dict[str, Any]]
@@ -754,7 +754,7 @@ def test_the_api_key_never_appears_in_any_output_of_a_session(
 
 
 def test_config_hides_passwords_in_database_and_broker_urls(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cli.main import cli as genline
+    from genline.cli.main import cli as genline
 
     for name in list(os.environ):
         if name.startswith(("GENLINE_", "APIMART_")):

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from click.testing import CliRunner
 
-from cli.main import cli
-from config.settings import KNOWN_ENV
+from genline.cli.main import cli
+from genline.config.settings import KNOWN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 THIRD_PARTY_IMAGES = {"redis", "postgres", "minio"}  # their env vars are their images' own settings
@@ -76,6 +76,6 @@ def test_the_api_key_is_a_secret_file_not_a_variable() -> None:
 
 
 def test_readme_lists_every_setting_as_the_code_defines_it() -> None:
-    from config.settings import settings_table_markdown
+    from genline.config.settings import settings_table_markdown
 
     assert settings_table_markdown() in (ROOT / "README.md").read_text()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from config.catalog import load_catalog, parse_catalog
-from config.errors import ConfigError
-from config.settings import SETTINGS, Secret, load_settings, settings_table_markdown
+from genline.config.catalog import load_catalog, parse_catalog
+from genline.config.errors import ConfigError
+from genline.config.settings import SETTINGS, Secret, load_settings, settings_table_markdown
 
 
 def test_defaults_are_the_zero_setup_footprint(tmp_path: Path) -> None:

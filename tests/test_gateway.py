@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from config.catalog import load_catalog
-from config.errors import (
+from genline.config.catalog import load_catalog
+from genline.config.errors import (
     AuthenticationFailed,
     InsufficientBalance,
     ProviderBadResponse,
@@ -22,12 +22,12 @@ from config.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from config.settings import Settings
-from provider.client import AsyncProviderClient, ProviderClient
-from provider.gateway import CallContext, Gateway, MemoryAuditSink, RetryPolicy
-from provider.shared_state import RedisSharedState
-from provider.simulator import SimulatorHandle
-from provider.stages import AccountGuard, CircuitBreaker, RateLimiter
+from genline.config.settings import Settings
+from genline.provider.client import AsyncProviderClient, ProviderClient
+from genline.provider.gateway import CallContext, Gateway, MemoryAuditSink, RetryPolicy
+from genline.provider.shared_state import RedisSharedState
+from genline.provider.simulator import SimulatorHandle
+from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
 from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 
 CTX = CallContext(user_id="u1", feature="f1", pipeline_id="pl_1", step_id="st_1", model="gpt-4o-mini")

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from config.logging import configure_logging, get_logger, register_secret
-from pipelines.api import Genline
-from pipelines.drain import drain
-from pipelines.runtime import Runtime
+from genline.config.logging import configure_logging, get_logger, register_secret
+from genline.pipelines.api import Genline
+from genline.pipelines.runtime import Runtime
+from genline.workers.drain import drain
 
 
 def test_log_lines_are_json_and_never_carry_the_key() -> None:

@@ -17,21 +17,21 @@ import pytest
 from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import OperationalError
 
-from config.clock import utcnow
-from config.constants import StepStatus
-from config.errors import IdempotencyConflict
-from config.settings import Settings
-from pipelines.api import Genline
-from pipelines.drain import drain
-from pipelines.engine import run_step
-from pipelines.request import validate_request
-from pipelines.runtime import Runtime
-from pipelines.submit import Accepted
-from provider.simulator import SimulatorHandle
-from storage.migrate import upgrade
-from storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.config.clock import utcnow
+from genline.config.constants import StepStatus
+from genline.config.errors import IdempotencyConflict
+from genline.config.settings import Settings
+from genline.pipelines.api import Genline
+from genline.pipelines.engine import run_step
+from genline.pipelines.request import validate_request
+from genline.pipelines.runtime import Runtime
+from genline.pipelines.submit import Accepted
+from genline.provider.simulator import SimulatorHandle
+from genline.storage.migrate import upgrade
+from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.workers.drain import drain
+from lab.chaos_faults import drop_pg_connections
 from tests.conftest import TEST_KEY
-from workers.chaos_faults import drop_pg_connections
 
 RequestFn = Callable[..., dict[str, Any]]
 

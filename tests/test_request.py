@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from config.catalog import load_catalog
-from config.errors import IdempotencyConflict, ValidationError
-from pipelines.api import Genline
-from pipelines.request import validate_request
-from pipelines.runtime import Runtime
-from storage.models import Pipeline, Step
+from genline.config.catalog import load_catalog
+from genline.config.errors import IdempotencyConflict, ValidationError
+from genline.pipelines.api import Genline
+from genline.pipelines.request import validate_request
+from genline.pipelines.runtime import Runtime
+from genline.storage.models import Pipeline, Step
 
 CATALOG = load_catalog()
 RequestFn = Callable[..., dict[str, Any]]

@@ -14,22 +14,22 @@ import pytest
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from config.catalog import load_catalog
-from config.clock import utcnow
-from config.errors import CircuitOpen, InvalidState, NotFound, ProviderPaused, ProviderUnavailable, RateLimited
-from config.settings import Settings
-from pipelines.api import Genline
-from pipelines.drain import drain
-from pipelines.engine import run_step
-from pipelines.poller import Poller, next_poll_s
-from pipelines.runtime import Runtime
-from pipelines.sweeper import sweep
-from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, Stage
-from provider.shared_state import Admission, Admitted, LocalSharedState, RedisSharedState, SharedState
-from provider.simulator import SimulatorHandle
-from provider.stages import PAUSE_KEY, AccountGuard, CircuitBreaker, RateLimiter
-from storage.migrate import upgrade
-from storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.config.catalog import load_catalog
+from genline.config.clock import utcnow
+from genline.config.errors import CircuitOpen, InvalidState, NotFound, ProviderPaused, ProviderUnavailable, RateLimited
+from genline.config.settings import Settings
+from genline.pipelines.api import Genline
+from genline.pipelines.engine import run_step
+from genline.pipelines.runtime import Runtime
+from genline.provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, Stage
+from genline.provider.shared_state import Admission, Admitted, LocalSharedState, RedisSharedState, SharedState
+from genline.provider.simulator import SimulatorHandle
+from genline.provider.stages import PAUSE_KEY, AccountGuard, CircuitBreaker, RateLimiter
+from genline.storage.migrate import upgrade
+from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.workers.drain import drain
+from genline.workers.poller import Poller, next_poll_s
+from genline.workers.sweeper import sweep
 
 RequestFn = Callable[..., dict[str, Any]]
 

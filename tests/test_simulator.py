@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from provider.simulator import SimConfig, SimulatorHandle, start_simulator
-from provider.simulator.media import MP4_MIN_SIZE, media_seed, mp4_chunks, png_bytes, sha256_of
+from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
+from genline.provider.simulator.media import MP4_MIN_SIZE, media_seed, mp4_chunks, png_bytes, sha256_of
 
 KEY = "sk-test-secret-123"
 IMAGE = {"model": "wan-2.7-image", "prompt": "a red bicycle on a sunny street", "n": 1, "size": "1:1"}
@@ -531,7 +531,7 @@ def test_reset_forgets_jobs_counters_and_scripts(make_sim: Callable[..., Sim]) -
 
 
 def test_the_foreground_server_prints_its_url_and_stops_cleanly_on_sigterm() -> None:
-    code = "from provider.simulator.runner import serve_forever; serve_forever(port=0)"
+    code = "from genline.provider.simulator.runner import serve_forever; serve_forever(port=0)"
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as child:
         try:
             assert child.stdout is not None

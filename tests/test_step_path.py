@@ -24,20 +24,20 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
-import pipelines.engine as engine
-from config.clock import utcnow
-from config.constants import JobStatus, StepStatus
-from config.settings import Settings
-from pipelines.api import Genline
-from pipelines.audit import DatabaseAuditSink
-from pipelines.drain import drain, jobs_in_flight
-from pipelines.engine import run_step
-from pipelines.poller import Poller
-from pipelines.runtime import Runtime
-from provider.gateway import CallContext, CallRecord
-from provider.simulator import SimulatorHandle
-from storage.migrate import upgrade
-from storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
+import genline.pipelines.engine as engine
+from genline.config.clock import utcnow
+from genline.config.constants import JobStatus, StepStatus
+from genline.config.settings import Settings
+from genline.pipelines.api import Genline
+from genline.pipelines.audit import DatabaseAuditSink
+from genline.pipelines.engine import run_step
+from genline.pipelines.runtime import Runtime
+from genline.provider.gateway import CallContext, CallRecord
+from genline.provider.simulator import SimulatorHandle
+from genline.storage.migrate import upgrade
+from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
+from genline.workers.drain import drain, jobs_in_flight
+from genline.workers.poller import Poller
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -427,8 +427,8 @@ def test_on_postgres_a_copy_another_worker_holds_is_skipped_for_the_next_most_ur
 def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_video(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.steps as steps
-    from config.errors import ResultExpired
+    import genline.pipelines.steps as steps
+    from genline.config.errors import ResultExpired
 
     real_copy = steps.copy_url_to_store
 
@@ -453,8 +453,8 @@ def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_v
 def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_runs_out_later_costs_nothing(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.steps as steps
-    from config.errors import ResultExpired
+    import genline.pipelines.steps as steps
+    from genline.config.errors import ResultExpired
 
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
@@ -489,8 +489,8 @@ def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_
 def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.steps as steps
-    from config.errors import RetryableStorageError
+    import genline.pipelines.steps as steps
+    from genline.config.errors import RetryableStorageError
 
     real_copy = steps.copy_url_to_store
     failures: list[str] = []
@@ -517,7 +517,7 @@ def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
 def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_store_step_nothing(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.steps as steps
+    import genline.pipelines.steps as steps
 
     # A video done at once: the store step starts before the video step's image copy has landed,
     # finds no image stored, copies it too, and the early copy's row commits meanwhile.
@@ -547,8 +547,8 @@ def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_s
 def test_a_video_link_that_ran_out_still_fails_the_pipeline_plainly(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.steps as steps
-    from config.errors import ResultExpired
+    import genline.pipelines.steps as steps
+    from genline.config.errors import ResultExpired
 
     def video_link_gone(*args: Any, **kwargs: Any) -> Any:
         raise ResultExpired("The provider's result link expired before it could be copied.")

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from config.errors import ConfigError, RetryableStorageError, StorageError
-from storage.local import LocalObjectStore
-from storage.objects import ObjectStore, open_store
-from storage.s3 import S3ObjectStore, make_s3_client
-from workers.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
+from genline.config.errors import ConfigError, RetryableStorageError, StorageError
+from genline.storage.local import LocalObjectStore
+from genline.storage.objects import ObjectStore, open_store
+from genline.storage.s3 import S3ObjectStore, make_s3_client
+from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ import asyncio
 import math
 import time
 
-from pipelines.wakeup import Doorbell
+from genline.workers.wakeup import Doorbell
 
 URL = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # never connected to: start() is not called
 

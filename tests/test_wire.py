@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.errors import (
+from genline.config.errors import (
     AuthenticationFailed,
     InsufficientBalance,
     ProviderBadResponse,
@@ -13,7 +13,7 @@ from config.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from provider.wire import error_for_status, parse_chat, parse_submit, parse_task
+from genline.provider.wire import error_for_status, parse_chat, parse_submit, parse_task
 
 
 def test_submit_answer_as_a_list() -> None:

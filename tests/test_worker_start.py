@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterator
 import pytest
 from celery.signals import worker_process_init
 
-import tasks.steps
-from config.settings import Settings
-from pipelines.runtime import Runtime
-from tasks.app import make_celery
-from tasks.steps import bind
-from workers.moto_server import DUMMY_AWS_ENV
+import genline.tasks.task
+from genline.config.settings import Settings
+from genline.pipelines.runtime import Runtime
+from genline.tasks.app import make_celery
+from genline.tasks.task import bind
+from tests.support.s3_server import DUMMY_AWS_ENV
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens here: a warm-up that went over the network would fail
 
@@ -38,9 +38,9 @@ def fork_hook() -> Iterator[Callable[[], None]]:
     yield fire
     worker_process_init.receivers = before
     worker_process_init.sender_receivers_cache.clear()
-    if tasks.steps._runtime is not None:
-        tasks.steps._runtime.close()
-    tasks.steps._runtime = tasks.steps._runtime_pid = None
+    if genline.tasks.task._runtime is not None:
+        genline.tasks.task._runtime.close()
+    genline.tasks.task._runtime = genline.tasks.task._runtime_pid = None
 
 
 def test_a_new_worker_process_builds_and_warms_its_runtime_before_its_first_task(
@@ -51,8 +51,8 @@ def test_a_new_worker_process_builds_and_warms_its_runtime_before_its_first_task
     settings = make_settings(CLOSED, GENLINE_STORAGE_URL="s3://genline-test/out", GENLINE_S3_ENDPOINT_URL=CLOSED)
     bind(make_celery(settings), settings)
     fork_hook()
-    rt = tasks.steps._runtime
-    assert isinstance(rt, Runtime) and tasks.steps._runtime_pid == os.getpid()
+    rt = genline.tasks.task._runtime
+    assert isinstance(rt, Runtime) and genline.tasks.task._runtime_pid == os.getpid()
     assert {"gateway", "downloads", "shared"} <= set(rt.__dict__)  # built now, not at the first step
     assert rt.settings is settings
 
@@ -76,5 +76,5 @@ def test_a_worker_process_whose_warm_up_fails_starts_anyway_and_builds_it_at_its
     monkeypatch.setattr(Runtime, "warm", broken)
     monkeypatch.setattr(Runtime, "close", close)
     fork_hook()  # does not raise: Celery would otherwise replace the process, again and again
-    assert tasks.steps._runtime is None
+    assert genline.tasks.task._runtime is None
     assert len(closed) == 1  # the half-warmed runtime was closed, not left holding connections

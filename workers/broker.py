@@ -32,7 +32,7 @@ from kombu.transport.sqlalchemy import Transport as SQLATransport
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from config.settings import Settings
+from genline.config.settings import Settings
 
 ALIAS = "genline-embedded"
 POLL_INTERVAL_S = 0.1

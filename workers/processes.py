@@ -37,7 +37,7 @@ class ProcessGroup:
         log_path = self.log_dir / f"{name}.log"
         log = log_path.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *args],
+            [sys.executable, "-m", "genline.cli.main", *args],
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -5,7 +5,7 @@ handle with ``base_url``; timings, result shapes, faults and prices are knobs (s
 changeable at runtime through ``POST /_sim/config``.
 """
 
-from provider.simulator.faults import SimConfig
-from provider.simulator.runner import SimulatorHandle, start_simulator
+from genline.provider.simulator.faults import SimConfig
+from genline.provider.simulator.runner import SimulatorHandle, start_simulator
 
 __all__ = ["SimConfig", "SimulatorHandle", "start_simulator"]

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from provider.simulator.media import MP4_MIN_SIZE
+from genline.provider.simulator.media import MP4_MIN_SIZE
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "config" / "catalog.json"
 SHAPES = ("by_model", "list", "object")

@@ -18,9 +18,9 @@ from types import TracebackType
 
 from aiohttp import web
 
-from config.loop import loop_factory
-from provider.simulator.faults import SimConfig
-from provider.simulator.server import SimState, build_app
+from genline.config.loop import loop_factory
+from genline.provider.simulator.faults import SimConfig
+from genline.provider.simulator.server import SimState, build_app
 
 _SHUTDOWN_TIMEOUT_S = 2.0
 

@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from config.constants import IDEMPOTENCY_HEADER
-from provider.simulator.faults import (
+from genline.config.constants import IDEMPOTENCY_HEADER
+from genline.provider.simulator.faults import (
     REQUEST_ID,
     FaultScript,
     RateWindow,
@@ -45,7 +45,7 @@ from provider.simulator.faults import (
     make_gate,
     stamp_headers,
 )
-from provider.simulator.media import (
+from genline.provider.simulator.media import (
     BadParam,
     Job,
     approx_tokens,

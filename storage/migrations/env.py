@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from storage.db import make_engine
-from storage.models import Base
+from genline.storage.db import make_engine
+from genline.storage.models import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

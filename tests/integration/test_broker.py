@@ -18,11 +18,11 @@ import redis
 from celery._state import _task_stack
 from kombu import Connection, Queue
 
-from config.constants import RUN_STEP_TASK
-from config.settings import load_settings
-from tasks.app import CeleryDispatcher, flower_celery, make_celery
-from tasks.messages import RedisNudges, direct_redis
-from workers.broker import REDIS_TRANSPORT, RedisTransport, broker_transport
+from genline.config.constants import RUN_STEP_TASK
+from genline.config.settings import load_settings
+from genline.tasks.app import CeleryDispatcher, flower_celery, make_celery
+from genline.tasks.messages import RedisNudges, direct_redis
+from genline.workers.broker import REDIS_TRANSPORT, RedisTransport, broker_transport
 
 
 def _settings(tmp_path: Path, broker: str | None) -> object:

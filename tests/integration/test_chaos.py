@@ -1,7 +1,7 @@
 """The quick chaos run, for real: 40 pipelines on Redis, PostgreSQL, moto's S3 server, the simulator
 over HTTP (faults on), two worker processes and a poller, while a worker is SIGKILLed every ~5 s,
 the poller is killed once, Redis is restarted once (empty) and PostgreSQL connections are dropped
-once. Every invariant of ``genline chaos`` is asserted. The full run (300 pipelines) is
+once. Every invariant of ``make chaos`` is asserted. The full run (300 pipelines) is
 ``make chaos``; this is the one CI runs every time (about a minute and a half here)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.chaos_run import ChaosPlan, run_chaos
 from tests.conftest import IN_CI, PG_HOST, PG_PORT, require_service
-from workers.chaos import ChaosPlan, run_chaos
 
 
 def test_forty_pipelines_survive_kills_restarts_and_provider_faults(tmp_path: Path) -> None:

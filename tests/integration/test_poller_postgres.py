@@ -19,16 +19,16 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from config.errors import ProviderBadResponse, ProviderConnectionError, ProviderNotFound, ProviderTimeout
-from config.settings import Settings
-from pipelines.poller import Poller
-from pipelines.runtime import Runtime
-from provider.poll_client import HttpTaskReader
-from provider.simulator import SimulatorHandle
-from storage.migrate import upgrade
-from storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.config.errors import ProviderBadResponse, ProviderConnectionError, ProviderNotFound, ProviderTimeout
+from genline.config.settings import Settings
+from genline.pipelines.runtime import Runtime
+from genline.provider.poll_client import HttpTaskReader
+from genline.provider.simulator import SimulatorHandle
+from genline.storage.migrate import upgrade
+from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.workers.poller import Poller
+from lab.bench_http import create_tasks
 from tests.conftest import TEST_KEY
-from workers.bench_http import create_tasks
 
 INTERVAL_S = 2.0
 LONG_S = 3600.0  # a render that stays in flight for the whole test
@@ -362,8 +362,8 @@ def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> Non
     from decimal import Decimal
     from zoneinfo import ZoneInfo
 
-    from pipelines.audit import _COPY_TYPES, audit_row, write_audit, write_audit_many
-    from provider.gateway import CallContext, CallRecord
+    from genline.pipelines.audit import _COPY_TYPES, audit_row, write_audit, write_audit_many
+    from genline.provider.gateway import CallContext, CallRecord
 
     def records(pipeline_id: str) -> list[CallRecord]:
         ctx = CallContext("user-1", "listing", pipeline_id, "st_x", "wan-2.7-image")
@@ -673,7 +673,7 @@ def test_the_reader_speaks_tls_and_checks_the_certificate(
 def test_the_poller_reads_through_aiohttp_when_the_environment_names_a_proxy(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from provider.poll_client import AiohttpTaskReader, HttpTaskReader, make_task_reader
+    from genline.provider.poll_client import AiohttpTaskReader, HttpTaskReader, make_task_reader
 
     settings = make_settings("https://api.provider.example")
     for name in (

@@ -9,12 +9,12 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import update
 
-from config.clock import utcnow
-from config.settings import load_settings
-from pipelines.poller import Poller
-from pipelines.runtime import Runtime
-from storage.migrate import alembic_config, current, upgrade
-from storage.models import Pipeline, ProviderJob, Step
+from genline.config.clock import utcnow
+from genline.config.settings import load_settings
+from genline.pipelines.runtime import Runtime
+from genline.storage.migrate import alembic_config, current, upgrade
+from genline.storage.models import Pipeline, ProviderJob, Step
+from genline.workers.poller import Poller
 
 
 def test_migrations_build_the_models_schema_on_postgres(pg_url: str) -> None:
@@ -83,8 +83,8 @@ def test_a_committed_job_rings_the_pollers_doorbell_with_its_due_time_and_a_roll
     import asyncio
     from datetime import UTC, datetime, timedelta
 
-    from pipelines.wakeup import Doorbell
-    from storage.db import Database, wake_poller
+    from genline.storage.db import Database, wake_poller
+    from genline.workers.wakeup import Doorbell
 
     db = Database(pg_url)
     due = datetime.now(UTC) + timedelta(seconds=42)

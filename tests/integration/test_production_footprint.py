@@ -12,16 +12,16 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from config.constants import PIPELINE_TERMINAL
-from config.settings import load_settings
-from pipelines.api import Genline
-from provider.simulator import SimConfig, start_simulator
-from storage.migrate import upgrade
-from storage.objects import open_store
-from storage.s3 import S3ObjectStore
+from genline.config.constants import PIPELINE_TERMINAL
+from genline.config.settings import load_settings
+from genline.pipelines.api import Genline
+from genline.provider.simulator import SimConfig, start_simulator
+from genline.storage.migrate import upgrade
+from genline.storage.objects import open_store
+from genline.storage.s3 import S3ObjectStore
+from genline.workers.processes import ProcessGroup
 from tests.conftest import TEST_KEY
-from workers.moto_server import MotoServer
-from workers.processes import ProcessGroup
+from tests.support.s3_server import MotoServer
 
 PIPELINES = 20
 

@@ -1,4 +1,4 @@
-"""``genline chaos``: prove, under provider faults, kills and restarts, that nothing is lost or paid twice."""
+"""``make chaos`` (``python -m lab.chaos``): prove, under faults, kills and restarts, that nothing is lost or paid twice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from cli.output import EXIT_ERROR, EXIT_FAILED, emit_json
+from genline.cli.output import EXIT_ERROR, EXIT_FAILED, emit_json
 
 HEADLINE = (
     "pipelines",
@@ -26,7 +26,7 @@ HEADLINE = (
 )
 
 
-@click.command()
+@click.command(name="chaos")
 @click.option(
     "--pipelines",
     type=click.IntRange(1, 5000),
@@ -78,7 +78,7 @@ def chaos(pipelines: int | None, quick: bool, timeout_s: float | None, out: Path
     Exit code 3 means the run itself could not be set up (no redis-server, no PostgreSQL).
     Everything it started is stopped on the way out, also on failure and Ctrl-C.
     """
-    from workers.chaos import ChaosPlan, run_chaos
+    from lab.chaos_run import ChaosPlan, run_chaos
 
     plan = ChaosPlan.quick() if quick else ChaosPlan()
     if pipelines is not None:
@@ -116,3 +116,7 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
         click.echo("FAILED: " + "; ".join(result["invariants_failed"]))
     else:
         click.echo("every invariant held")
+
+
+if __name__ == "__main__":
+    chaos()

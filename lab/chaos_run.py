@@ -1,4 +1,4 @@
-"""``genline chaos`` / ``make chaos``: the production footprint under fire, and the invariants that
+"""``make chaos`` (``python -m lab.chaos``): the production footprint under fire, and the invariants that
 must survive it.
 
 What runs: a Redis of the run's own on a free port (so it can be restarted without touching the
@@ -40,11 +40,11 @@ from typing import Any, TextIO
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from config.logging import configure_logging
-from workers.chaos_faults import Disruptor, OwnRedis, fresh_database, schedule
-from workers.chaos_verify import Verdict, invariant_failures, settled_stats
-from workers.moto_server import DUMMY_AWS_ENV, MotoServer
-from workers.processes import ProcessGroup
+from genline.config.logging import configure_logging
+from genline.workers.processes import ProcessGroup
+from lab.chaos_faults import Disruptor, OwnRedis, fresh_database, schedule
+from lab.chaos_verify import Verdict, invariant_failures, settled_stats
+from tests.support.s3_server import DUMMY_AWS_ENV, MotoServer
 
 DEFAULT_OUT = Path("var/chaos/latest.json")
 TERMINAL_SQL = text(
@@ -150,11 +150,11 @@ class Chaos:
         }
 
     def run(self) -> dict[str, Any]:
-        from config.settings import load_settings
-        from pipelines.api import Genline
-        from provider.simulator import SimConfig, start_simulator
-        from storage.migrate import upgrade
-        from storage.objects import open_store
+        from genline.config.settings import load_settings
+        from genline.pipelines.api import Genline
+        from genline.provider.simulator import SimConfig, start_simulator
+        from genline.storage.migrate import upgrade
+        from genline.storage.objects import open_store
 
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on the PATH; the chaos run starts (and restarts) its own Redis")
@@ -356,18 +356,3 @@ def run_chaos(
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result, failures
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m workers.chaos [--quick] [N]``: the same as ``genline chaos``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    plan = ChaosPlan.quick() if "--quick" in args else ChaosPlan()
-    numbers = [a for a in args if a.isdigit()]
-    if numbers:
-        plan.pipelines = int(numbers[0])
-    result, failures = run_chaos(plan)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("timeline", "plan")}, indent=2, default=str))
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

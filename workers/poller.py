@@ -31,12 +31,12 @@ from typing import Any, cast
 from sqlalchemy import Integer, String, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, JobStatus
-from config.errors import AccountError, ProviderError, ProviderNotFound
-from config.logging import get_logger
-from pipelines.audit import write_audit_many
-from pipelines.engine import (
+from genline.config.clock import utcnow
+from genline.config.constants import PIPELINE_TERMINAL, JobStatus
+from genline.config.errors import AccountError, ProviderError, ProviderNotFound
+from genline.config.logging import get_logger
+from genline.pipelines.audit import write_audit_many
+from genline.pipelines.engine import (
     PIPELINE_COST,
     Effects,
     apply_effects,
@@ -45,13 +45,13 @@ from pipelines.engine import (
     finish_step,
     pipeline_rows,
 )
-from pipelines.runtime import Runtime
-from pipelines.sweeper import sweep
-from pipelines.wakeup import Doorbell
-from provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader
-from provider.poll_client import make_task_reader
-from provider.wire import TaskState
-from storage.models import Pipeline, ProviderJob, Step, UTCDateTime
+from genline.pipelines.runtime import Runtime
+from genline.provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader
+from genline.provider.poll_client import make_task_reader
+from genline.provider.wire import TaskState
+from genline.storage.models import Pipeline, ProviderJob, Step, UTCDateTime
+from genline.workers.sweeper import sweep
+from genline.workers.wakeup import Doorbell
 
 log = get_logger("genline.poller")
 POLLED = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)

@@ -5,7 +5,7 @@ The simulator (own process) serves a 1 GiB video (256 MiB with --quick); moto's 
 process) stores it. Each side of the comparison runs in a fresh child process, so its memory is
 its own:
 
-- copy: ``pipelines.copy.copy_url_to_store`` with an httpx client and the S3 store, as the store
+- copy: ``storage.transfer.copy_url_to_store`` with an httpx client and the S3 store, as the store
   step calls it (streamed download → multipart upload → HeadObject verify). After a warm-up copy
   of a small file, the child resets its peak RSS (``/proc/self/clear_refs``) and reports how far
   the peak rose above the RSS it started from.
@@ -14,7 +14,7 @@ its own:
 
 The two sides run raw, copy, copy, raw, and each side's throughput is over both of its runs.
 
-Run as ``python -m workers.bench_copy copy|raw URL ENDPOINT BUCKET KEY [WARMUP_URL]`` for one child.
+Run as ``python -m lab.bench_copy copy|raw URL ENDPOINT BUCKET KEY [WARMUP_URL]`` for one child.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workers.bench_http import create_tasks
-from workers.bench_sim import SimProcess
+from lab.bench_http import create_tasks
+from lab.bench_sim import SimProcess
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -52,12 +52,12 @@ def _child(mode: str, url: str, endpoint: str, bucket: str, key: str, warmup_url
     import boto3
     import httpx
 
-    from storage.objects import open_store
-    from storage.s3 import make_s3_client
+    from genline.storage.objects import open_store
+    from genline.storage.s3 import make_s3_client
 
     client = make_s3_client(endpoint_url=endpoint)
     if mode == "copy":
-        from pipelines.copy import copy_url_to_store
+        from genline.storage.transfer import copy_url_to_store
 
         store = open_store(f"s3://{bucket}/bench", endpoint_url=endpoint)
         http = httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0), follow_redirects=True)
@@ -104,7 +104,7 @@ def _run_child(
     mode: str, url: str, endpoint: str, bucket: str, warmup_url: str | None, env: dict[str, str], timeout_s: float
 ) -> dict[str, Any]:
     key = f"{mode}-{uuid.uuid4().hex[:8]}.mp4"
-    args = [sys.executable, "-m", "workers.bench_copy", mode, url, endpoint, bucket, key]
+    args = [sys.executable, "-m", "lab.bench_copy", mode, url, endpoint, bucket, key]
     if warmup_url:
         args.append(warmup_url)
     done = subprocess.run(args, env=env, capture_output=True, timeout=timeout_s, check=False)
@@ -126,7 +126,7 @@ def _combine(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure_copy(var: Path, *, quick: bool, log: Any = print) -> dict[str, Any]:
-    from workers.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
+    from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
     size = (256 * MiB) if quick else GiB
     env = {k: v for k, v in os.environ.items() if k not in UNSET_AWS_ENV}

@@ -50,9 +50,9 @@ from typing import Any
 import redis
 from sqlalchemy import func, select, text
 
-from workers.broker import REDIS_TRANSPORT
-from workers.chaos_faults import fresh_database
-from workers.processes import ProcessGroup
+from genline.workers.broker import REDIS_TRANSPORT
+from genline.workers.processes import ProcessGroup
+from lab.chaos_faults import fresh_database
 
 REDIS_DB = 14
 CONCURRENCY = 2
@@ -92,7 +92,7 @@ def database() -> Iterator[str]:
 def _meter(**processes: Any) -> Any:
     """CPU seconds of the given process readers, Redis, this process (the submitter) and the
     whole machine, while the ``with`` block runs."""
-    from workers.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
+    from lab.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
 
     me = os.getpid()
     return CpuMeter(
@@ -108,8 +108,8 @@ def bare_chains(n: int, broker: str, log_dir: Path, transport: str | None = None
     kombu's Redis transport, or on ``transport`` (worker and producer alike)."""
     from celery import chain
 
-    from workers.bench_profile import tree_cpu_seconds
-    from workers.bench_tasks import COUNTER, QUEUE, make_app
+    from lab.bench_profile import tree_cpu_seconds
+    from lab.bench_tasks import COUNTER, QUEUE, make_app
 
     app = make_app(transport)
     app.conf.broker_url = broker
@@ -124,7 +124,7 @@ def bare_chains(n: int, broker: str, log_dir: Path, transport: str | None = None
             "-m",
             "celery",
             "-A",
-            "workers.bench_tasks",
+            "lab.bench_tasks",
             "worker",
             "-Q",
             QUEUE,
@@ -194,12 +194,12 @@ def genline_pipelines(
 ) -> tuple[float, dict[str, Any], Any]:
     """4-step pipelines/s through a 2-process genline worker and the poller; the per-step overhead;
     and the CPU the pipelines took."""
-    from config.settings import load_settings
-    from pipelines.api import Genline
-    from storage.migrate import upgrade
-    from storage.models import Pipeline
-    from workers.bench_floor import count_pipelines
-    from workers.bench_profile import Spy, cpu_seconds, named_cpu_seconds, summarise, tree_cpu_seconds
+    from genline.config.settings import load_settings
+    from genline.pipelines.api import Genline
+    from genline.storage.migrate import upgrade
+    from genline.storage.models import Pipeline
+    from lab.bench_floor import count_pipelines
+    from lab.bench_profile import Spy, cpu_seconds, named_cpu_seconds, summarise, tree_cpu_seconds
 
     env = _genline_env(var, db_url, broker, sim_url, key)
     settings = load_settings(env)
@@ -253,7 +253,7 @@ def step_overhead(rt: Any, key_pattern: str) -> dict[str, Any]:
     image and video steps ``polls × GENLINE_POLL_INTERVAL_S`` of their job is taken off; what is left
     is queue (ready → a worker began it), database, gateway and the poller's own lateness.
     """
-    from workers.bench_poller import quantile
+    from lab.bench_poller import quantile
 
     with rt.db.transaction() as s:
         rows = s.execute(
@@ -302,7 +302,7 @@ def _cpu_line(cpu: Any, n: int, what: str) -> str:
 def section_pipelines(
     figures: dict[str, Any], args: argparse.Namespace, var: Path, broker: str, profile_dir: Path | None
 ) -> None:
-    from workers.bench_sim import SimProcess
+    from lab.bench_sim import SimProcess
 
     n = args.pipelines or (60 if args.quick else 300)
     key = "bench-" + uuid.uuid4().hex
@@ -348,7 +348,7 @@ def section_pipelines(
         chain_ms_each = {k: (v + after_cpu.per(n, 1e3).get(k, v)) / 2 for k, v in chain_cpu.per(n, 1e3).items()}
         print(f"  ... and again after them {after_per_s:6.1f}   ({_cpu_line(after_cpu, n, 'chain')})", flush=True)
         # the floor: the same pipelines in this one process, no Celery, no worker or poller process
-        from workers.bench_floor import pipeline_floor
+        from lab.bench_floor import pipeline_floor
 
         n_floor = max(20, n // 3)
         floor_cpu = pipeline_floor(_genline_env(var, db_url, broker, sim.base_url, key), n_floor, sim.pid, _request)
@@ -408,7 +408,7 @@ def section_pipelines(
 def section_submit(
     figures: dict[str, Any], args: argparse.Namespace, var: Path, broker: str, profile_dir: Path | None
 ) -> None:
-    from workers.bench_submit import measure_submit
+    from lab.bench_submit import measure_submit
 
     print("bench: submits against bare apply_async (same Redis, same process)", flush=True)
     with database() as db_url:
@@ -434,7 +434,7 @@ def section_submit(
 def section_poller(
     figures: dict[str, Any], args: argparse.Namespace, var: Path, broker: str, profile_dir: Path | None
 ) -> None:
-    from workers.bench_poller import measure_poller
+    from lab.bench_poller import measure_poller
 
     print(
         "bench: poller capacity at a 2 s cadence (PostgreSQL + Redis; p99 lateness ≤ 1 s, 95% of polls due)",
@@ -470,7 +470,7 @@ def section_poller(
 def section_store(
     figures: dict[str, Any], args: argparse.Namespace, var: Path, broker: str, profile_dir: Path | None
 ) -> None:
-    from workers.bench_store import measure_completion_to_stored
+    from lab.bench_store import measure_completion_to_stored
 
     print("bench: provider completion → verified object in S3 (5 MB videos, 1,000 jobs in flight)", flush=True)
     with database() as db_url:
@@ -483,7 +483,7 @@ def section_store(
 def section_copy(
     figures: dict[str, Any], args: argparse.Namespace, var: Path, broker: str, profile_dir: Path | None
 ) -> None:
-    from workers.bench_copy import measure_copy
+    from lab.bench_copy import measure_copy
 
     size = "256 MiB" if args.quick else "1 GiB"
     print(f"bench: copying a {size} result into S3 (moto) against plain boto3 upload_file", flush=True)
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(unknown)}")
 
-    from config.logging import configure_logging
+    from genline.config.logging import configure_logging
 
     configure_logging("WARNING")
     lock = one_run_at_a_time()

@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 import redis as redis_lib
 
-from workers.moto_server import free_port
-from workers.processes import Child, ProcessGroup
+from genline.workers.processes import Child, ProcessGroup
+from tests.support.s3_server import free_port
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 Say = Callable[[str], None]

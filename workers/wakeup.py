@@ -18,8 +18,8 @@ import time
 
 import psycopg
 
-from config.logging import get_logger
-from storage.db import NEW_JOBS_CHANNEL, libpq_conninfo
+from genline.config.logging import get_logger
+from genline.storage.db import NEW_JOBS_CHANNEL, libpq_conninfo
 
 log = get_logger("genline.poller")
 RECONNECT_S = 5.0

@@ -41,5 +41,5 @@ def make_app(transport: str | None = None) -> Celery:
     return app
 
 
-app = make_app(os.environ.get("BENCH_BROKER_TRANSPORT") or None)  # what ``celery -A workers.bench_tasks`` runs
+app = make_app(os.environ.get("BENCH_BROKER_TRANSPORT") or None)  # what ``celery -A lab.bench_tasks`` runs
 noop = app.tasks["bench.noop"]

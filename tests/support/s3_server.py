@@ -1,5 +1,5 @@
 """A real S3-compatible server on loopback: moto's server mode in its own OS process, for the
-tests, ``make bench`` and ``genline chaos`` alike.
+tests, ``make bench`` and ``make chaos`` alike.
 
     with MotoServer() as server:
         client = make_s3_client(endpoint_url=server.endpoint_url)

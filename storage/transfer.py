@@ -7,9 +7,9 @@ from datetime import datetime
 
 import httpx
 
-from config.clock import utcnow
-from config.errors import ResultExpired, RetryableStorageError, StorageError
-from storage.objects import ObjectStore, StoredObjectInfo
+from genline.config.clock import utcnow
+from genline.config.errors import ResultExpired, RetryableStorageError, StorageError
+from genline.storage.objects import ObjectStore, StoredObjectInfo
 
 CHUNK = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Profiling for ``make bench PROFILE=1`` (``python -m workers.bench --profile``).
+"""Profiling for ``make bench PROFILE=1`` (``python -m lab.bench --profile``).
 
 py-spy samples a running process from outside (no change to the code measured, little overhead);
 its collapsed stacks ("a;b;c count" lines) are summarised here into the share of samples spent

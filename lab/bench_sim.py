@@ -21,8 +21,8 @@ from typing import Any
 
 _CHILD = """
 import json, os, sys
-from provider.simulator.faults import SimConfig
-from provider.simulator.runner import serve_forever
+from genline.provider.simulator.faults import SimConfig
+from genline.provider.simulator.runner import serve_forever
 config = json.loads(os.environ.pop("BENCH_SIM_CONFIG"))
 config["api_key"] = os.environ.pop("BENCH_SIM_KEY", None)
 serve_forever(SimConfig(**config), "127.0.0.1", 0)

@@ -10,12 +10,12 @@ import asyncio
 
 from sqlalchemy import func, select
 
-from config.constants import JobStatus
-from pipelines.dispatch import MemoryDispatcher
-from pipelines.engine import run_step
-from pipelines.poller import Poller
-from pipelines.runtime import Runtime
-from storage.models import ProviderJob
+from genline.config.constants import JobStatus
+from genline.pipelines.dispatch import MemoryDispatcher
+from genline.pipelines.engine import run_step
+from genline.pipelines.runtime import Runtime
+from genline.storage.models import ProviderJob
+from genline.workers.poller import Poller
 
 
 def jobs_in_flight(rt: Runtime) -> int:

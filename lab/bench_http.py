@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import httpx
 
-from config.loop import loop_factory
-from config.loop import run as run_loop
+from genline.config.loop import loop_factory
+from genline.config.loop import run as run_loop
 
 CONCURRENCY = 64
 
@@ -116,8 +116,8 @@ async def reader_rate(
     base_url: str, key: str | None, task_ids: list[str], seconds: float, concurrency: int = CONCURRENCY
 ) -> tuple[float, int]:
     """The poller's own client (``HttpTaskReader``), bare: a GET and its JSON parsed, nothing else."""
-    from config.settings import load_settings
-    from provider.poll_client import HttpTaskReader
+    from genline.config.settings import load_settings
+    from genline.provider.poll_client import HttpTaskReader
 
     settings = load_settings({"APIMART_BASE_URL": base_url, "APIMART_API_KEY": key or ""})
     reader = HttpTaskReader(settings, max_connections=concurrency)

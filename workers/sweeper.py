@@ -13,14 +13,14 @@ from datetime import timedelta
 
 from sqlalchemy import and_, or_, select
 
-from config.clock import utcnow
-from config.constants import PIPELINE_TERMINAL, StepKind, StepStatus
-from config.logging import get_logger
-from pipelines.dispatch import queue_for
-from pipelines.engine import Effects, apply_effects, fail_step, may_retry
-from pipelines.runtime import Runtime
-from provider.stages import alert
-from storage.models import Pipeline, Step
+from genline.config.clock import utcnow
+from genline.config.constants import PIPELINE_TERMINAL, StepKind, StepStatus
+from genline.config.logging import get_logger
+from genline.pipelines.dispatch import queue_for
+from genline.pipelines.engine import Effects, apply_effects, fail_step, may_retry
+from genline.pipelines.runtime import Runtime
+from genline.provider.stages import alert
+from genline.storage.models import Pipeline, Step
 
 log = get_logger("genline.sweeper")
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from sqlalchemy import text
 
-from workers.bench_http import create_tasks
-from workers.bench_poller import LONG_RENDER_S, Seeder, quantile
-from workers.bench_sim import SimProcess
+from lab.bench_http import create_tasks
+from lab.bench_poller import LONG_RENDER_S, Seeder, quantile
+from lab.bench_sim import SimProcess
 
 VIDEO_BYTES = 5_000_000
 BACKLOG = 1000
@@ -42,13 +42,13 @@ def _ts(value: datetime) -> float:
 def measure_completion_to_stored(
     db_url: str, broker: str, var: Path, *, quick: bool, log: Any = print
 ) -> dict[str, Any]:
-    from config.settings import load_settings
-    from pipelines.copy import copy_url_to_store
-    from pipelines.runtime import Runtime
-    from storage.migrate import upgrade
-    from storage.objects import open_store
-    from workers.moto_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
-    from workers.processes import ProcessGroup
+    from genline.config.settings import load_settings
+    from genline.pipelines.runtime import Runtime
+    from genline.storage.migrate import upgrade
+    from genline.storage.objects import open_store
+    from genline.storage.transfer import copy_url_to_store
+    from genline.workers.processes import ProcessGroup
+    from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
     finishers = 12 if quick else 60
     spread_s = 5.0 if quick else 25.0

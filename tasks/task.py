@@ -9,12 +9,12 @@ import os
 from celery import Celery
 from celery.signals import worker_process_init
 
-from config.constants import RUN_STEP_TASK
-from config.logging import get_logger
-from config.settings import Settings
-from pipelines.engine import run_step as engine_run_step
-from pipelines.runtime import Runtime
-from tasks.app import CeleryDispatcher, make_celery
+from genline.config.constants import RUN_STEP_TASK
+from genline.config.logging import get_logger
+from genline.config.settings import Settings
+from genline.pipelines.engine import run_step as engine_run_step
+from genline.pipelines.runtime import Runtime
+from genline.tasks.app import CeleryDispatcher, make_celery
 
 log = get_logger("genline.worker")
 _runtime: Runtime | None = None

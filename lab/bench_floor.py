@@ -24,8 +24,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from config.constants import PIPELINE_TERMINAL
-from storage.models import Pipeline
+from genline.config.constants import PIPELINE_TERMINAL
+from genline.storage.models import Pipeline
 
 
 def count_pipelines(rt: Any, *, ended: bool) -> int:
@@ -38,12 +38,12 @@ def count_pipelines(rt: Any, *, ended: bool) -> int:
 
 def pipeline_floor(env: dict[str, str], n: int, sim_pid: int | None, request: Any) -> Any:
     """Run ``n`` pipelines in this process; the CPU they took (a ``CpuMeter``), per process."""
-    from config.settings import load_settings
-    from pipelines.api import Genline
-    from pipelines.engine import run_step
-    from pipelines.poller import Poller
-    from pipelines.runtime import Runtime
-    from workers.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
+    from genline.config.settings import load_settings
+    from genline.pipelines.api import Genline
+    from genline.pipelines.engine import run_step
+    from genline.pipelines.runtime import Runtime
+    from genline.workers.poller import Poller
+    from lab.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
 
     # the in-memory dispatcher: drain mode; every job due a millisecond after its submit
     rt = Runtime.from_settings(load_settings({**env, "GENLINE_POLL_INTERVAL_S": "0.001"}))

@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from workers.bench_profile import Spy, summarise
-from workers.broker import REDIS_TRANSPORT
+from genline.workers.broker import REDIS_TRANSPORT
+from lab.bench_profile import Spy, summarise
 
 
 def measure_submit(
@@ -26,10 +26,10 @@ def measure_submit(
 ) -> dict[str, Any]:
     import redis
 
-    from config.settings import load_settings
-    from pipelines.api import Genline
-    from storage.migrate import upgrade
-    from workers import bench_tasks
+    from genline.config.settings import load_settings
+    from genline.pipelines.api import Genline
+    from genline.storage.migrate import upgrade
+    from lab import bench_tasks
 
     n = 400 if quick else 2000
     slices = 4

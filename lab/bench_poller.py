@@ -3,7 +3,7 @@
 Set-up, all on loopback: a simulator in its own process holding long renders (an hour each; its
 rate limit raised out of the way), a PostgreSQL database seeded with one pipeline per job (four
 steps: copy and image done, video waiting on the job, store pending) and Redis as the broker for
-the nudges of finished jobs. The poller under test is ``pipelines.poller.Poller`` itself, run in
+the nudges of finished jobs. The poller under test is ``workers.poller.Poller`` itself, run in
 this process exactly as ``genline poller`` runs it (``Poller(rt).run(stop)``, GENLINE_POLL_INTERVAL_S=2,
 the default batch and concurrency).
 
@@ -48,10 +48,10 @@ from typing import Any
 
 from sqlalchemy import Table, text
 
-from config.loop import run as run_loop
-from workers.bench_http import create_tasks, raw_http_rates
-from workers.bench_profile import CpuMeter, Spy, cpu_seconds, named_cpu_seconds, summarise
-from workers.bench_sim import SimProcess
+from genline.config.loop import run as run_loop
+from lab.bench_http import create_tasks, raw_http_rates
+from lab.bench_profile import CpuMeter, Spy, cpu_seconds, named_cpu_seconds, summarise
+from lab.bench_sim import SimProcess
 
 INTERVAL_S = 2.0
 LONG_RENDER_S = 3600.0
@@ -109,7 +109,7 @@ class Seeder:
     """Pipelines, steps and provider jobs written straight into the schema (Core inserts, batched)."""
 
     def __init__(self, rt: Any, image_url: str) -> None:
-        from storage.models import Pipeline, ProviderJob, Step
+        from genline.storage.models import Pipeline, ProviderJob, Step
 
         self.rt, self.image_url = rt, image_url
         self.tables: tuple[Table, Table, Table] = (Pipeline.__table__, Step.__table__, ProviderJob.__table__)  # type: ignore[assignment]
@@ -271,7 +271,7 @@ async def _run_window(
     and the CPU the poller, the simulator and PostgreSQL used in it."""
     import os
 
-    from pipelines.poller import Poller
+    from genline.workers.poller import Poller
 
     poller = Poller(rt)
     stop = asyncio.Event()
@@ -389,10 +389,10 @@ def _log_step(log: Any, result: StepResult) -> None:
 
 @contextmanager
 def _runtime(db_url: str, sim_url: str, key: str, var: Path, broker: str) -> Iterator[Any]:
-    from config.settings import load_settings
-    from pipelines.runtime import Runtime
-    from storage.migrate import upgrade
-    from tasks.app import CeleryDispatcher, make_celery
+    from genline.config.settings import load_settings
+    from genline.pipelines.runtime import Runtime
+    from genline.storage.migrate import upgrade
+    from genline.tasks.app import CeleryDispatcher, make_celery
 
     env = {
         "GENLINE_VAR_DIR": str(var),
