@@ -52,7 +52,7 @@ def _child(mode: str, url: str, endpoint: str, bucket: str, key: str, warmup_url
     import boto3
     import httpx
 
-    from genline.storage.objects import open_store
+    from genline.storage.factory import open_store
     from genline.storage.s3 import make_s3_client
 
     client = make_s3_client(endpoint_url=endpoint)

@@ -44,8 +44,8 @@ def measure_completion_to_stored(
 ) -> dict[str, Any]:
     from genline.config.settings import load_settings
     from genline.pipelines.runtime import Runtime
+    from genline.storage.factory import open_store
     from genline.storage.migrate import upgrade
-    from genline.storage.objects import open_store
     from genline.storage.transfer import copy_url_to_store
     from genline.workers.processes import ProcessGroup
     from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer

@@ -1,4 +1,4 @@
-"""``make chaos`` (``python -m lab.chaos``): prove, under faults, kills and restarts, that nothing is lost or paid twice."""
+"""``make chaos`` (``python -m lab.chaos``): show, under faults and kills, that nothing is lost or paid twice."""
 
 from __future__ import annotations
 

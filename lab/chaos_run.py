@@ -153,8 +153,8 @@ class Chaos:
         from genline.config.settings import load_settings
         from genline.pipelines.api import Genline
         from genline.provider.simulator import SimConfig, start_simulator
+        from genline.storage.factory import open_store
         from genline.storage.migrate import upgrade
-        from genline.storage.objects import open_store
 
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on the PATH; the chaos run starts (and restarts) its own Redis")
@@ -355,4 +355,3 @@ def run_chaos(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result, failures
-

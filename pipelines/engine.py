@@ -32,9 +32,10 @@ from genline.config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus
 from genline.config.errors import ConfigError, GenlineError, ProviderError
 from genline.config.logging import get_logger
 from genline.pipelines.audit import AuditHold, holding, write_audit
+from genline.pipelines.context import Done, StepContext
 from genline.pipelines.dispatch import queue_for
 from genline.pipelines.runtime import Runtime
-from genline.pipelines.steps import PREPARE, STEP_FUNCTIONS, Done, StepContext
+from genline.pipelines.steps import PREPARE, STEP_FUNCTIONS
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 
 log = get_logger("genline.engine")

@@ -19,7 +19,8 @@ from genline.provider.gateway import Gateway, RetryPolicy, Stage
 from genline.provider.shared_state import SharedState, shared_state_for
 from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
 from genline.storage.db import Database
-from genline.storage.objects import ObjectStore, open_store
+from genline.storage.factory import open_store
+from genline.storage.objects import ObjectStore
 
 
 @dataclass

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
-from genline.config.errors import ConfigError, StorageError
+from genline.config.errors import StorageError
 
 MAX_KEY_BYTES = 1024  # S3's limit; enforced everywhere so keys stay portable
 SIDECAR_SUFFIX = ".meta.json"  # the local store keeps an object's metadata beside it under this name
@@ -97,13 +94,13 @@ def validate_key(key: str) -> str:
     trailing ``/``), backslashes, control characters, keys longer than 1024 UTF-8 bytes and keys
     ending in the local store's reserved sidecar suffix.
     """
-    reason = _key_problem(key)
+    reason = key_problem(key)
     if reason is not None:
         raise StorageError(f"Object key {key!r} is not allowed: {reason}.", code="invalid_key")
     return key
 
 
-def _key_problem(key: str) -> str | None:
+def key_problem(key: str) -> str | None:
     if not isinstance(key, str) or not key:
         return "it is empty"
     if key.startswith("/"):
@@ -151,43 +148,3 @@ def check_size(key: str, expected_size: int | None, size: int, *, final: bool) -
             f"Object {key!r} was announced as {expected_size} bytes but the stream held {got}; nothing was stored.",
             code="size_mismatch",
         )
-
-
-def open_store(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1") -> ObjectStore:
-    """The store named by ``url``: ``file:///abs/path`` or ``s3://bucket/optional/prefix``.
-
-    ``endpoint_url`` and ``region`` only matter for S3 (an S3-compatible server such as MinIO or
-    moto; None for AWS itself). Raises ``ConfigError`` for anything else. No network call is made.
-    """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        return _open_local(parts.netloc, parts.path, parts.query, parts.fragment)
-    if scheme == "s3":
-        return _open_s3(parts.netloc, parts.path, parts.query, parts.fragment, endpoint_url, region)
-    raise ConfigError(f"GENLINE_STORAGE_URL must be file:///path or s3://bucket/prefix (got scheme {scheme!r}).")
-
-
-def _open_local(netloc: str, path: str, query: str, fragment: str) -> ObjectStore:
-    from genline.storage.local import LocalObjectStore  # late import: local.py imports this module
-
-    if netloc not in ("", "localhost") or query or fragment:
-        raise ConfigError("GENLINE_STORAGE_URL file:// must be a local path like file:///var/genline/objects.")
-    root = Path(url2pathname(path))
-    if not root.is_absolute():
-        raise ConfigError("GENLINE_STORAGE_URL file:// must hold an absolute path, e.g. file:///var/genline/objects.")
-    return LocalObjectStore(root)
-
-
-def _open_s3(netloc: str, path: str, query: str, fragment: str, endpoint_url: str | None, region: str) -> ObjectStore:
-    from genline.storage.s3 import S3ObjectStore, make_s3_client, valid_bucket_name  # late: needs boto3
-
-    if "@" in netloc:
-        raise ConfigError("GENLINE_STORAGE_URL must not carry credentials; use the AWS credential chain.")
-    if not valid_bucket_name(netloc) or query or fragment:
-        raise ConfigError("GENLINE_STORAGE_URL s3:// must name a valid bucket, e.g. s3://genline-outputs/videos.")
-    prefix = path.strip("/")
-    if prefix and _key_problem(prefix) is not None:
-        raise ConfigError(f"GENLINE_STORAGE_URL has an invalid key prefix {prefix!r}.")
-    client = make_s3_client(endpoint_url=endpoint_url or None, region=region)
-    return S3ObjectStore(netloc, prefix, client)

@@ -427,17 +427,17 @@ def test_on_postgres_a_copy_another_worker_holds_is_skipped_for_the_next_most_ur
 def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_video(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import genline.pipelines.steps as steps
+    import genline.pipelines.store as store
     from genline.config.errors import ResultExpired
 
-    real_copy = steps.copy_url_to_store
+    real_copy = store.copy_url_to_store
 
     def image_link_gone(*args: Any, **kwargs: Any) -> Any:
         if kwargs["expect_type"] == "image":
             raise ResultExpired("The provider's result link expired before it could be copied.")
         return real_copy(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "copy_url_to_store", image_link_gone)
+    monkeypatch.setattr(store, "copy_url_to_store", image_link_gone)
     api = Genline(runtime=rt)
     accepted = api.submit(request_fields())
     drain(rt)
@@ -453,7 +453,7 @@ def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_v
 def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_runs_out_later_costs_nothing(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import genline.pipelines.steps as steps
+    import genline.pipelines.store as store
     from genline.config.errors import ResultExpired
 
     api = Genline(runtime=rt)
@@ -466,7 +466,7 @@ def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_
     assert (image.kind, image.step_id) == ("image", video_step)
     assert Path(image.location).read_bytes() == httpx.get(image_url).content
 
-    real_copy = steps.copy_url_to_store
+    real_copy = store.copy_url_to_store
     copied: list[str] = []
 
     def image_link_gone(*args: Any, **kwargs: Any) -> Any:  # the image's link has run out by now
@@ -475,7 +475,7 @@ def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_
             raise ResultExpired("The provider's result link expired before it could be copied.")
         return real_copy(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "copy_url_to_store", image_link_gone)
+    monkeypatch.setattr(store, "copy_url_to_store", image_link_gone)
     drain(rt)
     status = api.status(pid)
     assert status["status"] == "succeeded", status
@@ -489,10 +489,10 @@ def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_
 def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import genline.pipelines.steps as steps
+    import genline.pipelines.store as store
     from genline.config.errors import RetryableStorageError
 
-    real_copy = steps.copy_url_to_store
+    real_copy = store.copy_url_to_store
     failures: list[str] = []
 
     def storage_hiccup_once(*args: Any, **kwargs: Any) -> Any:
@@ -501,7 +501,7 @@ def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
             raise RetryableStorageError("The storage service did not answer.")
         return real_copy(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "copy_url_to_store", storage_hiccup_once)
+    monkeypatch.setattr(store, "copy_url_to_store", storage_hiccup_once)
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
     drain(rt)
@@ -518,10 +518,11 @@ def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_s
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import genline.pipelines.steps as steps
+    import genline.pipelines.store as store
 
     # A video done at once: the store step starts before the video step's image copy has landed,
     # finds no image stored, copies it too, and the early copy's row commits meanwhile.
-    early, real_copy = steps.store_image_early, steps.copy_url_to_store
+    early, real_copy = steps.store_image_early, store.copy_url_to_store
     held: list[Any] = []
 
     def store_steps_copy(*args: Any, **kwargs: Any) -> Any:
@@ -531,7 +532,7 @@ def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_s
         return info
 
     monkeypatch.setattr(steps, "store_image_early", lambda rt_, ctx: held.append(ctx))
-    monkeypatch.setattr(steps, "copy_url_to_store", store_steps_copy)
+    monkeypatch.setattr(store, "copy_url_to_store", store_steps_copy)
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
     drain(rt)
@@ -547,13 +548,13 @@ def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_s
 def test_a_video_link_that_ran_out_still_fails_the_pipeline_plainly(
     rt: Runtime, request_fields: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import genline.pipelines.steps as steps
+    import genline.pipelines.store as store
     from genline.config.errors import ResultExpired
 
     def video_link_gone(*args: Any, **kwargs: Any) -> Any:
         raise ResultExpired("The provider's result link expired before it could be copied.")
 
-    monkeypatch.setattr(steps, "copy_url_to_store", video_link_gone)
+    monkeypatch.setattr(store, "copy_url_to_store", video_link_gone)
     api = Genline(runtime=rt)
     accepted = api.submit(request_fields())
     drain(rt)

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from genline.config.errors import ConfigError, RetryableStorageError, StorageError
+from genline.storage.factory import open_store
 from genline.storage.local import LocalObjectStore
-from genline.storage.objects import ObjectStore, open_store
+from genline.storage.objects import ObjectStore
 from genline.storage.s3 import S3ObjectStore, make_s3_client
 from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
 

@@ -17,7 +17,7 @@ from genline.config.settings import load_settings
 from genline.pipelines.api import Genline
 from genline.provider.simulator import SimConfig, start_simulator
 from genline.storage.migrate import upgrade
-from genline.storage.objects import open_store
+from genline.storage.factory import open_store
 from genline.storage.s3 import S3ObjectStore
 from genline.workers.processes import ProcessGroup
 from tests.conftest import TEST_KEY
