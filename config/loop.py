@@ -1,5 +1,5 @@
-"""The event loop genline's asyncio processes run on: uvloop where it is installed (a faster
-loop: ~15% less CPU a status read for the poller, measured), else asyncio's own."""
+"""The event loop genline's asyncio processes run on: uvloop where it is installed (less CPU a
+status read for the poller; docs/PERFORMANCE.md), else asyncio's own."""
 
 from __future__ import annotations
 

@@ -80,8 +80,8 @@ _COPY_SQL = f"COPY provider_calls ({', '.join(name for name, _ in _COPY_TYPES)})
 
 def write_audit_many(session: Session, records: list[CallRecord]) -> None:
     """``write_audit`` for a batch (the poller's round): by binary ``COPY`` on PostgreSQL, the
-    rows as tuples. Text ``COPY`` of dicts cost a fifth of an INSERT's parameters; this is half of
-    that again, ~5 µs a row at thousands of polls a second (measured). The same rows either way."""
+    rows as tuples: cheaper than text ``COPY`` of dicts, itself far cheaper than an INSERT's
+    parameters at thousands of polls a second (docs/PERFORMANCE.md). The same rows either way."""
     if not records:
         return
     connection = session.connection()

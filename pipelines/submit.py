@@ -3,7 +3,7 @@ same pipeline. The first step is nudged only after the commit; if that nudge is 
 sends it again, so an accepted pipeline never waits forever.
 
 A submit is on the caller's path, so its rows are written by plain statements, not ORM objects:
-the unit of work (a look-up, a flush, then the steps) took ~1.4 ms of a ~2 ms submit (measured).
+the unit of work (a look-up, a flush, then the steps) was most of a submit (docs/PERFORMANCE.md).
 They are the rows the ORM wrote: each column with a Python-side default in ``storage/models.py``
 is filled here too (``_PIPELINE_COLUMNS``, ``_STEP_ROWS``).
 
@@ -11,8 +11,8 @@ is filled here too (``_PIPELINE_COLUMNS``, ``_STEP_ROWS``).
   trip: ``WITH accepted AS (INSERT INTO pipelines ... ON CONFLICT (user_id, idempotency_key) DO
   NOTHING RETURNING id) INSERT INTO steps ... SELECT ... FROM accepted CROSS JOIN (VALUES ...)``;
   the steps are written only if the pipeline was. It runs on the pooled psycopg connection, which
-  prepares it on the server: the same statement through SQLAlchemy's execution cost ~100 µs more
-  a submit (measured), and SQLAlchemy does not cache a multi-row VALUES, so compiled it each time.
+  prepares it on the server: the same statement through SQLAlchemy's execution cost more a submit,
+  and SQLAlchemy does not cache a multi-row VALUES, so compiled it each time.
 - SQLite: ``BEGIN IMMEDIATE`` (the engine's ``begin`` hook), the same conditional pipeline insert,
   the steps in one ``executemany``, ``COMMIT``.
 
@@ -158,7 +158,7 @@ def _write_postgres(conn: Connection, row: dict[str, Any], step_ids: list[str]) 
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     # Autocommit set on the driver and undone here, not through SQLAlchemy's isolation-level
-    # option: that one costs ~90 µs a submit to set and reset (measured), this a plain attribute.
+    # option: that one costs a measurable part of a submit to set and reset, this a plain attribute.
     driver.autocommit = True
     try:
         return bool(driver.execute(_POSTGRES_ACCEPT, params).rowcount)

@@ -32,7 +32,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _tune_sqlite(engine)
         return engine
-    # No pre-ping: it cost a round trip per transaction (11% of a step, measured). A connection the
+    # No pre-ping: it costs a round trip per transaction (docs/PERFORMANCE.md). A connection the
     # server dropped fails its next use with OperationalError, which steps retry and the poller's
     # round survives; connections are also recycled every five minutes.
     return create_engine(url, pool_recycle=300, pool_size=pool_size, max_overflow=pool_size)

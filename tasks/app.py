@@ -42,8 +42,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_s}
     # Task events are off until someone watches: Flower switches them on in every worker when it
     # starts, and keeps them on while it runs (its enable_events option, on by default). Sent
-    # always, they cost ~2 ms of worker CPU per pipeline, ~10% of pipeline throughput (measured).
-    # No "task-sent" event from producers either: it cost a quarter of each submit (measured), and
+    # always, they cost a tenth of pipeline throughput (docs/PERFORMANCE.md).
+    # No "task-sent" event from producers either: it cost a quarter of each submit, and
     # Flower sees every task from the workers' received/started/succeeded events.
     return conf
 

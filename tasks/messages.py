@@ -1,8 +1,8 @@
 """A step's nudge on Redis: the message Celery would publish, pushed onto the queue's list directly.
 
-Celery's publish path (``send_task`` → kombu's producer → the Redis channel) spends ~330–360 µs
-of CPU on a nudge here, of which ~125 is the ``LPUSH`` itself; the same message built from a fixed
-shape and pushed with one ``LPUSH`` costs ~140 (measured side by side). Every nudge takes this
+Celery's publish path (``send_task`` → kombu's producer → the Redis channel) spends more than twice
+the CPU on a nudge that the same message built from a fixed shape and pushed with one ``LPUSH``
+does, and the ``LPUSH`` is most of the latter (docs/PERFORMANCE.md). Every nudge takes this
 path on a ``redis://`` broker: a submit's first step, each step's next one, the poller's and the
 sweeper's. A nudge is an id on a list, so nothing here decides anything: the database does.
 

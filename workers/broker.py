@@ -3,9 +3,9 @@
 Redis (production): kombu's Redis channel builds a new ``redis.Redis`` client object for every
 publish and every ack (``conn_or_acquire``), and redis-py builds each client's table of ~165
 response callbacks from scratch (redis-py #3624, open). ``RedisTransport`` keeps one client per
-channel on the channel's own pool: the same connections, the same commands, no rebuilt table. An
-``apply_async`` went from ~500 to ~330 µs of CPU (measured side by side; cProfile had put the
-client's construction at over half). It is set as Celery's ``broker_transport`` for ``redis://``
+channel on the channel's own pool: the same connections, the same commands, no rebuilt table, and
+a third less CPU an ``apply_async`` (docs/PERFORMANCE.md; cProfile had put the client's
+construction at over half). It is set as Celery's ``broker_transport`` for ``redis://``
 URLs, so the configured URL is unchanged; Flower runs on kombu's own transport
 (``tasks.app.flower_celery``), because kombu writes a class-path transport into the URL it reports.
 

@@ -92,7 +92,7 @@ _CLAIM_PG = f"""
 # PostgreSQL: every routine answer of a round in one statement. NULL keeps the column as it is;
 # a job whose status changed meanwhile (cancelled, say) is left alone. The columns other than the
 # ids travel as comma-separated text (statuses are JobStatus words, the rest numbers; '' is NULL):
-# joining strings costs ~0.06 µs a value where psycopg's list dumper costs ~0.4.
+# joining strings costs a fraction of what psycopg's list dumper costs a value.
 _ROUTINE_PG = f"""
     UPDATE provider_jobs AS j SET
         lease_until = NULL,
@@ -142,7 +142,7 @@ _ROUTINE_ANY = (
 )
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 µs more to make, per job and round
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs more to make, per job and round
 class Claimed:
     job_id: str
     task_id: str
@@ -197,8 +197,8 @@ def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> fl
 def next_poll_s(due_s: float, now_s: float, delay: float) -> float:
     """When a job still running is read next: one delay after this poll was due, not after its
     answer was applied, so a round that runs late does not stretch the cadence. (Counted from the
-    answer, a 2 s cadence ran at 2 s plus each poll's lateness: 10,000 jobs got 4,881 polls/s of
-    the 5,000 due, and a poller 0.5 s late on average would have looked on schedule at 80%.)
+    answer, a 2 s cadence ran at 2 s plus each poll's lateness, and a poller behind schedule
+    applied fewer polls than were due while looking on schedule; docs/PERFORMANCE.md.)
     Never sooner than half a delay from now: a poller far behind reads a job at most about twice
     a delay, not back to back."""
     return max(due_s + delay, now_s + delay / 2)
