@@ -21,7 +21,16 @@ def _state() -> SharedState:
         settings = load_settings()
     except GenlineError as err:
         fail(err, as_json=False)
-    return shared_state_for(settings.broker_url, embedded=settings.embedded_broker)
+    if not settings.embedded_broker and settings.broker_url.startswith(("redis://", "rediss://")):
+        return shared_state_for(settings.broker_url, embedded=False)
+    from genline.storage.db import Database
+    from genline.storage.migrate import require_current
+
+    try:
+        require_current(settings.database_url)  # the pause lives in the database here
+    except GenlineError as err:
+        fail(err, as_json=False)
+    return shared_state_for(settings.broker_url, embedded=settings.embedded_broker, db=Database(settings.database_url))
 
 
 @provider.command()

@@ -52,7 +52,11 @@ class Runtime:
 
     @cached_property
     def shared(self) -> SharedState:
-        return shared_state_for(self.settings.broker_url, embedded=self.settings.embedded_broker)
+        """Redis on the production footprint; else the database, through an engine of its own, so
+        its short transactions never wait for a connection a step holds (or the other way)."""
+        s = self.settings
+        db = None if s.broker_url.startswith(("redis://", "rediss://")) else Database(s.database_url, pool_size=2)
+        return shared_state_for(s.broker_url, embedded=s.embedded_broker, db=db)
 
     @property
     def stages(self) -> list[Stage]:
@@ -95,5 +99,7 @@ class Runtime:
             self.downloads.close()
         if "gateway" in self.__dict__:
             self.gateway.close()
+        if "shared" in self.__dict__:
+            self.shared.close()
         self.dispatcher.close()
         self.db.dispose()

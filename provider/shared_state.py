@@ -1,16 +1,21 @@
 """State that every worker must see the same way: circuit breakers, rate limits, pauses, counters.
 
-One seam, two real implementations: Redis (production; every process on every machine shares it)
-and an in-process store for the zero-setup default, where it is shared by the threads of one
-process only (the README says so). Keys are prefixed ``genline:``.
+One seam, three real implementations: Redis (production; every process on every machine shares
+it), the database (when the broker is not Redis, as on the zero-setup default: every process that
+uses the same database shares it), and an in-process store (one process's threads; for tests and
+tools that run alone). Keys are prefixed ``genline:`` in Redis.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:
+    from genline.storage.db import Database
 
 PREFIX = "genline:"
 
@@ -147,6 +152,8 @@ class SharedState(Protocol):
         """Delete those of ``keys`` that exist (writing nothing when none does); returns them."""
         ...
 
+    def close(self) -> None: ...
+
 
 class LocalSharedState:
     """Shared by the threads of one process; expiries honoured lazily."""
@@ -238,6 +245,9 @@ class LocalSharedState:
             for key in present:
                 del self._values[key]
             return present
+
+    def close(self) -> None:
+        pass
 
 
 class RedisSharedState:
@@ -333,8 +343,123 @@ class RedisSharedState:
         return [keys[int(i) - 1] for i in gone]
 
 
-def shared_state_for(broker_url: str, *, embedded: bool) -> SharedState:
-    """Redis when the broker is Redis (the same server); in-process otherwise."""
+class DatabaseSharedState:
+    """Shared by every process that uses the same database (the zero-setup default's workers, its
+    poller and the ``genline`` command alike), so one 401 pauses them all at once.
+
+    Each operation is one transaction over the rows of the keys it touches: SQLite's
+    ``BEGIN IMMEDIATE`` (storage/db.py), or a transaction-scoped advisory lock on PostgreSQL,
+    runs them one at a time. The rows are loaded into a ``LocalSharedState`` view, the operation
+    runs there (the same rules as the in-process store), and what changed is written back. Like
+    Redis, it fails open when the database cannot be reached: no pause holds, no limit waits.
+    """
+
+    _PURGE_EVERY_S = 60.0
+
+    def __init__(self, db: Database, clock: Any = time.time) -> None:
+        from sqlalchemy import Table, bindparam, delete, select
+
+        from genline.storage.models import SharedEntry
+
+        self._db, self._clock = db, clock
+        table = cast(Table, SharedEntry.__table__)
+        self._select = select(table.c.key, table.c.value, table.c.expires_at).where(
+            table.c.key.in_(bindparam("keys", expanding=True))
+        )
+        self._delete = delete(table).where(table.c.key.in_(bindparam("keys", expanding=True)))
+        self._insert = table.insert()
+        self._purge = delete(table).where(table.c.expires_at < bindparam("now"))
+        self._purged_at = 0.0
+        self._warned = False
+
+    def _run(self, keys: list[str], buckets: list[str], op: Callable[[LocalSharedState], Any], fallback: Any) -> Any:
+        from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            with self._db.engine.begin() as conn:
+                if self._db.is_postgres:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('genline:shared_state'))"))
+                now = self._clock()
+                view = LocalSharedState(lambda: now)
+                for key, value, expires in conn.execute(self._select, {"keys": keys + buckets}):
+                    if key in buckets:
+                        tokens, at = value.split(",")
+                        view._buckets[key] = (float(tokens), float(at))
+                    elif expires > now:
+                        view._values[key] = (value, expires)
+                values, buckets_before = dict(view._values), dict(view._buckets)
+                result = op(view)
+                changed = [k for k in keys if view._values.get(k) != values.get(k)]
+                changed += [k for k in buckets if view._buckets.get(k) != buckets_before.get(k)]
+                if changed:
+                    conn.execute(self._delete, {"keys": changed})
+                    rows = []
+                    for k in changed:
+                        if k in view._values:
+                            value, expires = view._values[k]
+                            rows.append({"key": k, "value": value, "expires_at": expires})
+                        elif k in view._buckets:
+                            left, at = view._buckets[k]
+                            rows.append({"key": k, "value": f"{left!r},{at!r}", "expires_at": at + 3600})
+                    if rows:
+                        conn.execute(self._insert, rows)
+                if now - self._purged_at > self._PURGE_EVERY_S:
+                    conn.execute(self._purge, {"now": now})
+                    self._purged_at = now
+                return result
+        except OperationalError as exc:
+            if not self._warned:
+                from genline.config.logging import get_logger
+
+                get_logger("genline.shared_state").warning("shared_state_unreachable", error=type(exc).__name__)
+                self._warned = True
+            return fallback
+
+    def get(self, key: str) -> str | None:
+        return cast(str | None, self._run([key], [], lambda v: v.get(key), None))
+
+    def set(self, key: str, value: str, ttl_s: float) -> None:
+        self._run([key], [], lambda v: v.set(key, value, ttl_s), None)
+
+    def set_if_absent(self, key: str, value: str, ttl_s: float) -> bool:
+        return bool(self._run([key], [], lambda v: v.set_if_absent(key, value, ttl_s), True))
+
+    def delete(self, *keys: str) -> None:
+        if keys:
+            self._run(list(keys), [], lambda v: v.delete(*keys), None)
+
+    def incr(self, key: str, ttl_s: float) -> int:
+        return int(self._run([key], [], lambda v: v.incr(key, ttl_s), 0))
+
+    def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
+        return float(self._run([], [key], lambda v: v.take_token(key, rate_per_s, burst), 0.0))
+
+    def admit(self, admission: Admission) -> Admitted:
+        keys = [k for k in (admission.pause_key,) if k is not None]
+        buckets: list[str] = []
+        if admission.rate_keys is not None:
+            keys.append(admission.rate_keys[0])
+            buckets.append(admission.rate_keys[1])
+        if admission.breaker_keys is not None:
+            keys += admission.breaker_keys
+        if not keys and not buckets:
+            return Admitted()
+        return cast(Admitted, self._run(keys, buckets, lambda v: v.admit(admission), Admitted.all_clear(admission)))
+
+    def delete_existing(self, *keys: str) -> list[str]:
+        if not keys:
+            return []
+        return cast(list[str], self._run(list(keys), [], lambda v: v.delete_existing(*keys), []))
+
+    def close(self) -> None:
+        self._db.dispose()
+
+
+def shared_state_for(broker_url: str, *, embedded: bool, db: Database | None = None) -> SharedState:
+    """Redis when the broker is Redis (the same server); else the database, when there is one."""
     if not embedded and broker_url.startswith(("redis://", "rediss://")):
         return RedisSharedState(broker_url)
+    if db is not None:
+        return DatabaseSharedState(db)
     return LocalSharedState()

@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -115,6 +116,12 @@ class Step(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A running step's lease: the worker that runs it renews ``lease_until`` while it works; once it
+    # lapses (the worker died) the sweeper queues the step again.
+    lease_owner: Mapped[str | None] = mapped_column(String(120))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A step queued for a retry waits until then (backoff with jitter); no worker runs it sooner.
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     pipeline: Mapped[Pipeline] = relationship(back_populates="steps", lazy="joined", innerjoin=True)
 
@@ -188,3 +195,14 @@ class ProviderCall(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     units: Mapped[float | None] = mapped_column()
     cost_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0))
+
+
+class SharedEntry(Base):
+    """Shared state (pause, alerts, rate limit, breakers) where Redis is not the broker: every process
+    that uses this database sees the same values (``provider/shared_state.py``)."""
+
+    __tablename__ = "shared_state"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(Float)  # epoch seconds
