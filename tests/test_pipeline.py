@@ -6,6 +6,7 @@ in-memory broker, so nothing here sleeps and hopes."""
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 from collections.abc import Callable
 from decimal import Decimal
@@ -13,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import QueuePool
 
 from genline.config.clock import utcnow
 from genline.config.constants import StepStatus
 from genline.config.errors import IdempotencyConflict
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
+from genline.pipelines.dispatch import MemoryDispatcher
 from genline.pipelines.engine import run_step
 from genline.pipelines.request import validate_request
 from genline.pipelines.runtime import Runtime
@@ -48,6 +52,18 @@ def sim_post(sim: SimulatorHandle, path: str, body: dict[str, Any]) -> None:
     httpx.post(f"{sim.base_url}{path}", json=body).raise_for_status()
 
 
+def nudges(rt: Runtime) -> MemoryDispatcher:
+    """The in-memory broker of drain mode (the ``rt`` fixtures'), whose nudges a test can take by hand."""
+    assert isinstance(rt.dispatcher, MemoryDispatcher)
+    return rt.dispatcher
+
+
+def next_nudge(rt: Runtime) -> str:
+    step_id = nudges(rt).pop()
+    assert step_id is not None, "no step was nudged"
+    return step_id
+
+
 def run_one(rt: Runtime, fields: dict[str, Any]) -> dict[str, Any]:
     api = Genline(runtime=rt)
     accepted = api.submit(fields)
@@ -67,6 +83,7 @@ def test_a_pipeline_writes_copy_renders_image_and_video_and_keeps_the_video(
     assert data[4:8] == b"ftyp" and video["content_type"] == "video/mp4"
     with rt.db.transaction() as s:
         task_id = s.scalars(select(ProviderJob.task_id).where(ProviderJob.kind == "video")).one()
+    assert task_id is not None  # a finished job: the provider named it at the submit
     expected = sim_task(sim, task_id)
     produced = expected["result"][0] if "result" in expected else expected
     assert hashlib.sha256(data).hexdigest() == video["sha256"]
@@ -79,6 +96,7 @@ def test_cost_is_the_catalog_price_of_what_was_used_and_matches_the_provider_bil
     status = run_one(rt, request_fields())
     with rt.db.transaction() as s:
         chat = s.scalars(select(ProviderCall).where(ProviderCall.operation == "chat")).one()
+    assert chat.prompt_tokens is not None and chat.completion_tokens is not None  # a chat call's usage
     chat_cost = (Decimal("0.15") * chat.prompt_tokens + Decimal("0.60") * chat.completion_tokens) / 1_000_000
     expected = chat_cost + Decimal("0.0216") + Decimal("0.025") * 6  # standard: 1 image, 6 s of hailuo video
     assert Decimal(status["cost_usd"]) == expected.quantize(Decimal("0.000001"))
@@ -102,9 +120,8 @@ def test_a_redelivered_or_retried_step_never_starts_a_second_paid_job(
 ) -> None:
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
-    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # copy
-    image_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
-    assert image_step
+    run_step(rt, next_nudge(rt))  # copy
+    image_step = next_nudge(rt)
     run_step(rt, image_step)
     # The same message delivered again (a second worker, a redelivery): nothing happens.
     run_step(rt, image_step)
@@ -125,8 +142,8 @@ def test_a_crash_between_submit_and_commit_is_answered_with_the_same_job(
     window). The intent row's idempotency key makes the provider hand back the same job."""
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
-    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]
-    image_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
+    run_step(rt, next_nudge(rt))  # copy
+    image_step = next_nudge(rt)
     key = f"genline:{image_step}:wan-2.7-image"
     # What the dead worker did: its submit reached the provider...
     first = httpx.post(
@@ -217,7 +234,9 @@ def test_an_unavailable_video_model_falls_back_to_the_next_one(
 
 def test_the_api_key_is_nowhere_in_the_database(rt: Runtime, request_fields: RequestFn) -> None:
     run_one(rt, request_fields())
-    dump = "\n".join(rt.db.engine.raw_connection().iterdump())  # type: ignore[attr-defined]
+    sqlite = rt.db.engine.raw_connection().driver_connection
+    assert isinstance(sqlite, sqlite3.Connection)  # the ``rt`` fixture's database is SQLite
+    dump = "\n".join(sqlite.iterdump())
     assert TEST_KEY not in dump
 
 
@@ -253,7 +272,7 @@ def test_a_submit_writes_the_pipeline_and_its_steps_as_the_models_define_them(
         assert (st.model, st.output, st.error_code, st.error_message) == (None, None, None, None)
         assert (st.deadline_at, st.started_at, st.finished_at) == (None, None, None)
         assert st.created_at == st.updated_at == p.created_at
-    assert list(rt.dispatcher.sent) == [(steps[0].id, "genline.copy")]  # type: ignore[attr-defined]
+    assert list(nudges(rt).sent) == [(steps[0].id, "genline.copy")]
 
 
 def test_a_repeated_key_returns_the_same_pipeline_and_a_changed_request_is_refused(
@@ -271,7 +290,7 @@ def test_a_repeated_key_returns_the_same_pipeline_and_a_changed_request_is_refus
     other_user = api.submit(request_fields(idempotency_key="order-7", user_id="seller-2"))  # keys are per user
     assert other_user.created and other_user.pipeline_id != first.pipeline_id
     assert _counts(rt) == (2, 8)
-    assert len(rt.dispatcher.sent) == 2  # type: ignore[attr-defined]
+    assert len(nudges(rt).sent) == 2
 
 
 @pytest.mark.integration
@@ -285,9 +304,13 @@ def test_a_submit_gives_its_postgres_connection_back_out_of_autocommit(
     rt = Runtime.from_settings(settings)
 
     def lent_in_autocommit() -> bool:
+        pool = rt.db.engine.pool
+        assert isinstance(pool, QueuePool)  # PostgreSQL's default pool, which counts its connections
         with rt.db.engine.connect() as conn:  # submits run one at a time: the pool holds one connection
-            assert rt.db.engine.pool.checkedout() == 1 and rt.db.engine.pool.checkedin() == 0
-            return bool(conn.connection.driver_connection.autocommit)  # type: ignore[union-attr]
+            assert pool.checkedout() == 1 and pool.checkedin() == 0
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            return driver.autocommit
 
     try:
         api = Genline(runtime=rt)
@@ -332,7 +355,7 @@ def test_two_submits_with_one_key_at_once_both_get_the_one_pipeline(
         a, b = results[key]
         assert a.pipeline_id == b.pipeline_id and sorted([a.created, b.created]) == [False, True], key
     assert _counts(rt) == (len(keys), 4 * len(keys))
-    assert len(rt.dispatcher.sent) == len(keys)  # type: ignore[attr-defined]  # one nudge per pipeline
+    assert len(nudges(rt).sent) == len(keys)  # one nudge per pipeline
 
 
 @pytest.mark.integration
@@ -352,7 +375,7 @@ def test_a_submit_on_a_dropped_postgres_connection_fails_plainly_and_the_next_on
         again = api.submit(fields)  # the dead connection left the pool
         assert again.created
         assert _counts(rt) == (2, 8)
-        assert len(rt.dispatcher.sent) == 2  # type: ignore[attr-defined]  # nothing nudged for the failure
+        assert len(nudges(rt).sent) == 2  # nothing nudged for the failure
     finally:
         rt.close()
 

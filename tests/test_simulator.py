@@ -244,10 +244,13 @@ def test_media_generation_is_exact_in_size_and_handles_files_over_4_gib() -> Non
 
 
 def test_a_result_url_answers_403_request_has_expired_after_its_ttl(make_sim: Callable[..., Sim]) -> None:
-    _, client = make_sim(image_seconds=0, url_ttl_s=0.8)
+    clock = ManualClock()
+    _, client = make_sim(clock=clock, image_seconds=0, url_ttl_s=0.8)
     url = result_urls(task(client, submit(client, "image", IMAGE)))[0]
     assert client.get(url).status_code == 200
-    time.sleep(0.9)
+    clock.advance(0.79)
+    assert client.get(url).status_code == 200  # still inside its ttl
+    clock.advance(0.02)
     expired = client.get(url)
     assert expired.status_code == 403 and "Request has expired" in expired.text
 

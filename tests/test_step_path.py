@@ -30,10 +30,12 @@ from genline.config.constants import JobStatus, StepStatus
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
 from genline.pipelines.audit import DatabaseAuditSink
+from genline.pipelines.dispatch import MemoryDispatcher
 from genline.pipelines.engine import run_step
 from genline.pipelines.runtime import Runtime
 from genline.provider.gateway import CallContext, CallRecord
 from genline.provider.simulator import SimulatorHandle
+from genline.provider.wire import SubmitResult
 from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 from genline.workers.drain import drain, jobs_in_flight
@@ -46,6 +48,18 @@ def sim_stats(sim: SimulatorHandle) -> dict[str, Any]:
     return httpx.get(f"{sim.base_url}/_sim/stats").json()
 
 
+def nudges(rt: Runtime) -> MemoryDispatcher:
+    """The in-memory broker of drain mode (the ``rt`` fixtures'), whose nudges a test can take by hand."""
+    assert isinstance(rt.dispatcher, MemoryDispatcher)
+    return rt.dispatcher
+
+
+def next_nudge(rt: Runtime) -> str:
+    step_id = nudges(rt).pop()
+    assert step_id is not None, "no step was nudged"
+    return step_id
+
+
 def kind_of(rt: Runtime, step_id: str) -> str:
     with rt.db.transaction() as s:
         return s.get_one(Step, step_id).kind
@@ -54,6 +68,12 @@ def kind_of(rt: Runtime, step_id: str) -> str:
 def step_row(rt: Runtime, pipeline_id: str, kind: str) -> Step:
     with rt.db.transaction() as s:
         return s.scalars(select(Step).where(Step.pipeline_id == pipeline_id, Step.kind == kind)).one()
+
+
+def output_of(rt: Runtime, pipeline_id: str, kind: str) -> dict[str, Any]:
+    output = step_row(rt, pipeline_id, kind).output
+    assert output is not None, f"the {kind} step has no output: it has not succeeded"
+    return output
 
 
 def calls(rt: Runtime, pipeline_id: str, operation: str) -> list[ProviderCall]:
@@ -71,12 +91,12 @@ def run_until(rt: Runtime, kind: str) -> str:
     loop = asyncio.new_event_loop()
     try:
         for _ in range(500):
-            while (step_id := rt.dispatcher.pop()) is not None:  # type: ignore[attr-defined]
+            while (step_id := nudges(rt).pop()) is not None:
                 if kind_of(rt, step_id) == kind:
                     return step_id
                 run_step(rt, step_id)
             if not loop.run_until_complete(poller.run_once()):
-                loop.run_until_complete(asyncio.sleep(0.01))
+                loop.run_until_complete(asyncio.sleep(0.01))  # the next poll is not due yet
         raise AssertionError(f"no {kind} step was nudged")
     finally:
         loop.run_until_complete(poller.aclose())
@@ -125,15 +145,15 @@ def test_every_step_costs_the_worker_two_transactions_and_the_video_step_one_mor
     loop = asyncio.new_event_loop()
     try:
         for _ in range(500):
-            while (step_id := rt.dispatcher.pop()) is not None:  # type: ignore[attr-defined]
+            while (step_id := nudges(rt).pop()) is not None:
                 kind = kind_of(rt, step_id)
                 with counting_commits(rt) as commits:
                     run_step(rt, step_id)
                 per_kind[kind] = commits[0]
-            if not rt.dispatcher.sent and not loop.run_until_complete(poller.run_once()):  # type: ignore[attr-defined]
+            if not nudges(rt).sent and not loop.run_until_complete(poller.run_once()):
                 if jobs_in_flight(rt) == 0:
                     break
-                loop.run_until_complete(asyncio.sleep(0.01))
+                loop.run_until_complete(asyncio.sleep(0.01))  # the next poll is not due yet
     finally:
         loop.run_until_complete(poller.aclose())
         loop.close()
@@ -154,13 +174,13 @@ def test_the_intent_is_committed_before_the_submit_and_the_task_id_with_the_subm
     seen: list[tuple[str, str | None, int]] = []
     real_submit = rt.gateway.submit
 
-    def submit(ctx: CallContext, kind: str, payload: dict[str, Any], key: str) -> Any:
+    def submit(ctx: CallContext, kind: str, payload: dict[str, Any], idempotency_key: str) -> SubmitResult:
         with rt.db.transaction() as s:  # another transaction: only what was committed is visible
-            job = s.scalars(select(ProviderJob).where(ProviderJob.idempotency_key == key)).one()
+            job = s.scalars(select(ProviderJob).where(ProviderJob.idempotency_key == idempotency_key)).one()
         seen.append((job.status, job.task_id, len(calls(rt, pid, "submit"))))
-        return real_submit(ctx, kind, payload, key)
+        return real_submit(ctx, kind, payload, idempotency_key)
 
-    rt.gateway.submit = submit  # type: ignore[method-assign]
+    rt.gateway.submit = submit  # type: ignore[method-assign]  # a spy on this one runtime's gateway
     run_step(rt, image_step)
     assert seen == [("intent", None, 0)]
     with rt.db.transaction() as s:
@@ -217,14 +237,13 @@ def test_a_copy_step_whose_completion_rolls_back_still_audits_its_chat_call(
 ) -> None:
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
-    copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
-    assert copy_step
+    copy_step = next_nudge(rt)
     with failing_once(rt, "UPDATE steps SET status=?, output=?") as failed:
         run_step(rt, copy_step)
     assert failed
     step = step_row(rt, pid, "copy")
     assert step.status == StepStatus.QUEUED and step.output is None
-    assert not rt.dispatcher.sent  # type: ignore[attr-defined]  # nothing nudged for a rolled-back completion
+    assert not nudges(rt).sent  # nothing nudged for a rolled-back completion
     assert len(calls(rt, pid, "chat")) == 1
     run_step(rt, copy_step)
     drain(rt)
@@ -234,7 +253,8 @@ def test_a_copy_step_whose_completion_rolls_back_still_audits_its_chat_call(
     assert len(chats) == sim_stats(sim)["chat_calls"] == 2  # every call the provider billed is on record
     with rt.db.transaction() as s:
         total = s.scalar(select(func.sum(ProviderCall.cost_usd)).where(ProviderCall.pipeline_id == pid))
-    assert Decimal(status["cost_usd"]) == Decimal(total).quantize(Decimal("0.000001"))
+    assert total is not None  # the pipeline's calls are on record
+    assert Decimal(status["cost_usd"]) == total.quantize(Decimal("0.000001"))
 
 
 def test_a_successful_call_is_held_and_a_failed_one_written_at_once(rt: Runtime) -> None:
@@ -293,6 +313,7 @@ def test_a_copy_is_due_before_the_video_link_runs_out_not_the_image_link_stored_
     video_step = run_until(rt, "video")
     with rt.db.transaction() as s:  # the image was made first, so its link runs out first
         image = s.scalars(select(Step).where(Step.pipeline_id == pid, Step.kind == "image")).one()
+        assert image.output is not None  # the image step has succeeded: the video step was nudged
         image_expiry = utcnow() + timedelta(minutes=5)
         image.output = {
             **image.output,
@@ -300,7 +321,7 @@ def test_a_copy_is_due_before_the_video_link_runs_out_not_the_image_link_stored_
         }
     run_step(rt, video_step)
     run_until(rt, "store")
-    video_expiry = datetime.fromisoformat((step_row(rt, pid, "video").output or {})["assets"][0]["expires_at"])
+    video_expiry = datetime.fromisoformat(output_of(rt, pid, "video")["assets"][0]["expires_at"])
     assert image_expiry < video_expiry
     assert step_row(rt, pid, "store").deadline_at == video_expiry
 
@@ -311,8 +332,7 @@ def test_a_claim_made_on_a_stale_read_loses_to_the_one_that_got_there_first(
 ) -> None:
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
-    copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
-    assert copy_step
+    copy_step = next_nudge(rt)
     with rt.db.transaction() as s:
         stale = engine.pipeline_rows(s, copy_step)  # what a second worker read before the first claimed
     first = engine._begin(rt, copy_step)
@@ -337,7 +357,7 @@ def test_a_cancel_while_the_step_runs_is_not_overwritten_by_its_completion(
 ) -> None:
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
-    copy_step = rt.dispatcher.pop()  # type: ignore[attr-defined]
+    copy_step = next_nudge(rt)
     real_chat = rt.gateway.chat
 
     def chat(*args: Any, **kwargs: Any) -> Any:
@@ -345,16 +365,18 @@ def test_a_cancel_while_the_step_runs_is_not_overwritten_by_its_completion(
         api.cancel(pid)  # the user cancels while the answer is on its way back
         return answer
 
-    rt.gateway.chat = chat  # type: ignore[method-assign]
-    run_step(rt, copy_step)  # type: ignore[arg-type]
+    rt.gateway.chat = chat  # type: ignore[method-assign]  # a spy on this one runtime's gateway
+    run_step(rt, copy_step)
     status = api.status(pid)
     assert status["status"] == "cancelled"
     assert [s["status"] for s in status["steps"]] == ["cancelled"] * 4
-    assert not rt.dispatcher.sent  # type: ignore[attr-defined]
+    assert not nudges(rt).sent
     assert len(calls(rt, pid, "chat")) == 1  # the call it made is on record all the same
 
 
-def test_only_a_pipeline_with_a_callback_url_costs_a_callback_lookup(rt: Runtime, request_fields: RequestFn) -> None:
+def test_only_a_pipeline_with_a_callback_url_costs_a_callback_lookup(
+    rt: Runtime, request_fields: RequestFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     looked_up: list[str] = []
     real = engine.notify_callback
 
@@ -362,13 +384,10 @@ def test_only_a_pipeline_with_a_callback_url_costs_a_callback_lookup(rt: Runtime
         looked_up.append(pipeline_id)
         real(runtime, pipeline_id)
 
-    engine.notify_callback = spy  # type: ignore[assignment]
-    try:
-        api = Genline(runtime=rt)
-        pid = api.submit(request_fields()).pipeline_id
-        drain(rt)
-    finally:
-        engine.notify_callback = real  # type: ignore[assignment]
+    monkeypatch.setattr(engine, "notify_callback", spy)
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    drain(rt)
     assert api.status(pid)["status"] == "succeeded"
     assert looked_up == []
 
@@ -397,7 +416,8 @@ def test_on_postgres_a_pipeline_runs_with_the_same_rows_and_cost(
         total = s.scalar(select(func.sum(ProviderCall.cost_usd)).where(ProviderCall.pipeline_id == pid))
         ops = Counter(s.scalars(select(ProviderCall.operation).where(ProviderCall.pipeline_id == pid)))
         steps = s.scalars(select(Step).where(Step.pipeline_id == pid).order_by(Step.position)).all()
-    assert Decimal(status["cost_usd"]) == Decimal(total)
+    assert total is not None  # the pipeline's calls are on record
+    assert Decimal(status["cost_usd"]) == total
     assert ops["chat"] == 1 and ops["submit"] == 2
     assert [st.attempts for st in steps] == [1, 1, 1, 1]
     assert isinstance(steps[0].output, dict) and steps[0].output["text"]  # JSON, not a string of JSON
@@ -429,8 +449,7 @@ def test_an_image_link_that_ran_out_while_the_video_rendered_does_not_cost_the_v
 ) -> None:
     import genline.pipelines.store as store
     from genline.config.errors import ResultExpired
-
-    real_copy = store.copy_url_to_store
+    from genline.storage.transfer import copy_url_to_store as real_copy
 
     def image_link_gone(*args: Any, **kwargs: Any) -> Any:
         if kwargs["expect_type"] == "image":
@@ -455,18 +474,18 @@ def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_
 ) -> None:
     import genline.pipelines.store as store
     from genline.config.errors import ResultExpired
+    from genline.storage.transfer import copy_url_to_store as real_copy
 
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
     video_step = run_until(rt, "video")
-    image_url = step_row(rt, pid, "image").output["assets"][0]["url"]
+    image_url = output_of(rt, pid, "image")["assets"][0]["url"]
     run_step(rt, video_step)  # submits the video, then stores the image
     with rt.db.transaction() as s:
         image = s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).one()
     assert (image.kind, image.step_id) == ("image", video_step)
     assert Path(image.location).read_bytes() == httpx.get(image_url).content
 
-    real_copy = store.copy_url_to_store
     copied: list[str] = []
 
     def image_link_gone(*args: Any, **kwargs: Any) -> Any:  # the image's link has run out by now
@@ -482,7 +501,7 @@ def test_the_video_step_stores_the_image_while_the_video_renders_so_a_link_that_
     assert status["image"]["key"] == image.key and "expired" not in status["image"]
     assert copied == ["video"]  # the store step copied only the video
     # the store step's deadline is the video's link, not the image's (made earlier, gone earlier)
-    video_expiry = datetime.fromisoformat(step_row(rt, pid, "video").output["assets"][0]["expires_at"])
+    video_expiry = datetime.fromisoformat(output_of(rt, pid, "video")["assets"][0]["expires_at"])
     assert step_row(rt, pid, "store").deadline_at == video_expiry
 
 
@@ -491,8 +510,8 @@ def test_an_image_the_video_step_could_not_copy_is_copied_by_the_store_step(
 ) -> None:
     import genline.pipelines.store as store
     from genline.config.errors import RetryableStorageError
+    from genline.storage.transfer import copy_url_to_store as real_copy
 
-    real_copy = store.copy_url_to_store
     failures: list[str] = []
 
     def storage_hiccup_once(*args: Any, **kwargs: Any) -> Any:
@@ -519,10 +538,11 @@ def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_s
 ) -> None:
     import genline.pipelines.steps as steps
     import genline.pipelines.store as store
+    from genline.pipelines.store import store_image_early as early
+    from genline.storage.transfer import copy_url_to_store as real_copy
 
     # A video done at once: the store step starts before the video step's image copy has landed,
     # finds no image stored, copies it too, and the early copy's row commits meanwhile.
-    early, real_copy = steps.store_image_early, store.copy_url_to_store
     held: list[Any] = []
 
     def store_steps_copy(*args: Any, **kwargs: Any) -> Any:
@@ -537,11 +557,11 @@ def test_an_image_copy_that_lands_while_the_store_step_copies_it_too_costs_the_s
     pid = api.submit(request_fields()).pipeline_id
     drain(rt)
     assert api.status(pid)["status"] == "succeeded" and not held
-    video, store = step_row(rt, pid, "video"), step_row(rt, pid, "store")
-    assert store.attempts == 1  # its completion did not trip over the image's row
+    video_step, store_step = step_row(rt, pid, "video"), step_row(rt, pid, "store")
+    assert store_step.attempts == 1  # its completion did not trip over the image's row
     with rt.db.transaction() as s:
         rows = [(o.kind, o.step_id) for o in s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid))]
-    assert sorted(rows) == [("image", video.id), ("video", store.id)]
+    assert sorted(rows) == [("image", video_step.id), ("video", store_step.id)]
     assert Path(api.status(pid)["image"]["location"]).exists()
 
 

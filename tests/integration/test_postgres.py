@@ -81,16 +81,35 @@ def test_two_pollers_never_claim_the_same_job(pg_url: str, tmp_path: object) -> 
 
 def test_a_committed_job_rings_the_pollers_doorbell_with_its_due_time_and_a_rollback_does_not(pg_url: str) -> None:
     import asyncio
+    from collections.abc import Callable
     from datetime import UTC, datetime, timedelta
 
     from genline.storage.db import Database, wake_poller
     from genline.workers.wakeup import Doorbell
 
+    class Recording(Doorbell):
+        """The doorbell, keeping each ring's payload as its LISTEN loop hands it over."""
+
+        def __init__(self, database_url: str) -> None:
+            super().__init__(database_url)
+            self.payloads: list[str] = []
+
+        def ring(self, payload: str = "") -> None:
+            self.payloads.append(payload)
+            super().ring(payload)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        """A notification arrives when PostgreSQL delivers it: wait for that, a bounded while."""
+        async with asyncio.timeout(30):
+            while not condition():
+                await asyncio.sleep(0.01)
+
     db = Database(pg_url)
     due = datetime.now(UTC) + timedelta(seconds=42)
+    marker = due + timedelta(seconds=60)  # a later job's ring, committed after the rollback
 
     async def scenario() -> tuple[bool, float, float]:
-        bell = Doorbell(pg_url)
+        bell = Recording(pg_url)
         bell.start()
         try:
             await asyncio.wait_for(bell.rung.wait(), 30)  # rung once on connecting: it was not listening before
@@ -106,18 +125,22 @@ def test_a_committed_job_rings_the_pollers_doorbell_with_its_due_time_and_a_roll
                 except RuntimeError:
                     pass
 
-            await asyncio.to_thread(rolled_back)
-            await asyncio.sleep(0.3)
-            rang_on_rollback = bell.rung.is_set()
-
-            def committed() -> None:
+            def committed(*jobs_due: datetime) -> None:
                 with db.transaction() as s:
-                    wake_poller(s, due + timedelta(seconds=5))
-                    wake_poller(s, due)  # two jobs in one transaction: the earlier one counts
+                    for job_due in jobs_due:
+                        wake_poller(s, job_due)
 
-            await asyncio.to_thread(committed)
-            await asyncio.wait_for(bell.rung.wait(), 30)
-            await asyncio.sleep(0.1)
+            await asyncio.to_thread(rolled_back)
+            # Notifications arrive in commit order: a ring from the rollback would come before the marker's.
+            await asyncio.to_thread(committed, marker)
+            await until(lambda: len(bell.payloads) >= 2)
+            rang_on_rollback = bell.payloads[1:] != [f"{marker.timestamp():.3f}"]
+            bell.rung.clear()
+            bell.due = float("inf")
+
+            # two jobs in one transaction: both rings are heard, and the earlier due time counts
+            await asyncio.to_thread(committed, due + timedelta(seconds=5), due)
+            await until(lambda: len(bell.payloads) >= 4)
             return rang_on_rollback, rung_on_connect, bell.due
         finally:
             await bell.aclose()
