@@ -45,6 +45,13 @@ def alert(state: SharedState, event: str, **fields: object) -> None:
     log.error(event, alert=True, **fields)
 
 
+def pause_paid_work(state: SharedState, error: AccountError, pause_s: float, **fields: object) -> None:
+    """A 401 or 402: every paid call of every process is refused for ``pause_s`` (or until an
+    operator's ``genline provider resume``), and the operators are alerted."""
+    state.set(PAUSE_KEY, error.code, pause_s)
+    alert(state, "provider_paused", code=error.code, pause_s=pause_s, **fields)
+
+
 class Batch:
     """One paid call's reads of shared state, made in one go by ``run``."""
 
@@ -98,8 +105,7 @@ class AccountGuard(_SharedStage):
 
     def after(self, record: CallRecord, error: ProviderError | None) -> None:
         if isinstance(error, AccountError):
-            self.state.set(self.key, error.code, self.pause_s)
-            alert(self.state, "provider_paused", code=error.code, pause_s=self.pause_s, model=record.ctx.model)
+            pause_paid_work(self.state, error, self.pause_s, model=record.ctx.model)
 
 
 class RateLimiter(_SharedStage):

@@ -3,16 +3,20 @@ alerts, the rate limit and the breakers live in the database, so every process s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import update
 
+from genline.config.clock import utcnow
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
 from genline.pipelines.runtime import Runtime
@@ -20,7 +24,9 @@ from genline.provider.shared_state import DatabaseSharedState
 from genline.provider.simulator import SimulatorHandle
 from genline.provider.stages import PAUSE_KEY
 from genline.storage.db import Database
+from genline.storage.models import ProviderJob
 from genline.workers.drain import drain
+from genline.workers.poller import Poller
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -95,3 +101,43 @@ def test_values_expire_and_counters_count_across_instances(make_settings: Callab
     finally:
         a.close()
         b.close()
+
+
+def test_a_poller_refused_with_401_pauses_paid_work_alerts_once_and_stops_reading_until_resumed(
+    rt: Runtime, sim: SimulatorHandle, request_fields: Callable[..., dict[str, Any]]
+) -> None:
+    httpx.post(f"{sim.base_url}/_sim/config", json={"image_seconds": 600}).raise_for_status()
+    api = Genline(runtime=rt)
+    for _ in range(3):
+        api.submit(request_fields())
+    drain(rt, max_rounds=12)  # copies written, images submitted; the renders take ten minutes
+    with rt.db.transaction() as s:
+        s.execute(update(ProviderJob).values(next_poll_at=utcnow() - timedelta(seconds=1)))
+    httpx.post(
+        f"{sim.base_url}/_sim/faults",
+        json={"script": [{"method": "GET", "path": "/v1/tasks/*", "status": 401, "times": 1000}]},
+    ).raise_for_status()
+
+    def reads() -> int:
+        return int(httpx.get(f"{sim.base_url}/_sim/stats").json()["requests_by_status"].get("401", 0))
+
+    poller = Poller(rt)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(poller.run_once()) == 3  # every due job read once, each refused
+        assert rt.shared.get(PAUSE_KEY) == "provider_auth_failed"
+        assert rt.shared.get("alerts:provider_paused") == "1"  # one alert, not one per job
+        refused = reads()
+        with rt.db.transaction() as s:
+            s.execute(update(ProviderJob).values(next_poll_at=utcnow() - timedelta(seconds=1)))
+        for _ in range(5):
+            assert loop.run_until_complete(poller.run_once()) == 0  # holding: nothing is read
+        assert reads() == refused
+
+        rt.shared.delete(PAUSE_KEY)  # `genline provider resume`, after the key was fixed
+        httpx.post(f"{sim.base_url}/_sim/faults", json={"script": [], "replace": True}).raise_for_status()
+        assert loop.run_until_complete(poller.run_once()) == 3
+        assert poller.held_since is None
+    finally:
+        loop.run_until_complete(poller.aclose())
+        loop.close()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Integer, String, Table, bindparam, func, select, update
+from sqlalchemy import Integer, String, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from genline.config.clock import utcnow
@@ -48,6 +48,7 @@ from genline.pipelines.engine import (
 from genline.pipelines.runtime import Runtime
 from genline.provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader
 from genline.provider.poll_client import make_task_reader
+from genline.provider.stages import PAUSE_KEY, pause_paid_work
 from genline.provider.wire import TaskState
 from genline.storage.models import Pipeline, ProviderJob, Step, UTCDateTime
 from genline.workers.sweeper import sweep
@@ -56,6 +57,7 @@ from genline.workers.wakeup import Doorbell
 log = get_logger("genline.poller")
 POLLED = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
 ENDED = frozenset({JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
+ACCOUNT_PROBE_S = 10.0  # while the account is refused, one read this often tells when it works again
 LATENESS_KEEP = 200_000  # samples of lateness kept in memory (the benchmark reads them)
 
 
@@ -130,7 +132,9 @@ _JOB_COMPLETED = (
 # Elsewhere (SQLite): the same update, one parameter set per job.
 _ROUTINE_ANY = (
     update(_JOBS)
-    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(POLLED))
+    # Two comparisons, not ``IN``: SQLAlchemy expands an ``IN`` list at execution, which an
+    # executemany (several routine answers in one round on SQLite) refuses.
+    .where(_JOBS.c.id == bindparam("b_id"), or_(*(_JOBS.c.status == status for status in POLLED)))
     .values(
         lease_until=None,
         polls=_JOBS.c.polls + 1,
@@ -220,6 +224,10 @@ class Poller:
         self._client = client
         self.gateway: Gateway | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # After the provider refused a read with 401/402 the poller holds: one probe read every
+        # ACCOUNT_PROBE_S until a read succeeds again or an operator lifts the pause.
+        self.held_since: float | None = None
+        self._last_probe = 0.0
         # due → applied, per poll, for the benchmark: the latest LATENESS_KEEP samples, and how
         # many older ones were dropped (so ``lateness_dropped + len(lateness_s)`` only grows).
         self.lateness_s: list[float] = []
@@ -232,9 +240,9 @@ class Poller:
         return self.gateway
 
     # --- claim ---------------------------------------------------------------------------------
-    def claim(self) -> list[Claimed]:
-        """Lease up to ``poller_batch`` due jobs; they come back earliest due first."""
-        limit = self.settings.poller_batch
+    def claim(self, limit: int | None = None) -> list[Claimed]:
+        """Lease up to ``limit`` (``poller_batch``) due jobs; they come back earliest due first."""
+        limit = self.settings.poller_batch if limit is None else limit
         deadline = time.monotonic() + self.settings.lease_s / 2  # half the lease: room to write
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.lease_s)
@@ -513,9 +521,8 @@ class Poller:
     def _retry_delay(self, task_id: str, polls: int, err: BaseException) -> float:
         """Seconds until a job whose read failed is read again (``polls`` counts this one)."""
         interval = self.settings.poll_interval_s
-        if isinstance(err, AccountError):
-            log.error("provider_account_problem", code=err.code, task_id=task_id)
-            return max(30.0, interval)
+        if isinstance(err, AccountError):  # ``watch_account`` paused paid work and holds the poller
+            return max(ACCOUNT_PROBE_S, interval)
         code = err.code if isinstance(err, ProviderError) else type(err).__name__
         if not isinstance(err, ProviderError):
             log.error("poll_crashed", task_id=task_id, error=repr(err))
@@ -559,13 +566,44 @@ class Poller:
         job.next_poll_at = datetime.fromtimestamp(next_poll_s(c.due_s, now.timestamp(), delay), UTC)
         return Effects()
 
+    # --- the provider account ------------------------------------------------------------------
+    def round_limit(self) -> int:
+        """How many jobs this round may read: all that are due, or while the poller holds after a
+        401/402 one probe every ``ACCOUNT_PROBE_S`` (none in between). An operator's
+        ``genline provider resume`` ends the hold at once."""
+        if self.held_since is None:
+            return self.settings.poller_batch
+        if self.rt.shared.get(PAUSE_KEY) is None:
+            log.info("poller_account_hold_lifted", held_s=round(time.monotonic() - self.held_since, 1))
+            self.held_since = None
+            return self.settings.poller_batch
+        if time.monotonic() - self._last_probe < ACCOUNT_PROBE_S:
+            return 0
+        self._last_probe = time.monotonic()
+        return 1
+
+    def watch_account(self, answers: list[TaskState | BaseException]) -> None:
+        """A 401/402 on a read pauses paid work for every process (as a worker's call does) and
+        holds the poller; a successful read while it holds ends the hold."""
+        refused = next((a for a in answers if isinstance(a, AccountError)), None)
+        if refused is not None:
+            if self.held_since is None:
+                self.held_since = self._last_probe = time.monotonic()
+                pause_paid_work(self.rt.shared, refused, self.settings.pause_s, source="poller")
+            return
+        if self.held_since is not None and any(isinstance(a, TaskState) for a in answers):
+            log.info("poller_account_hold_ended", held_s=round(time.monotonic() - self.held_since, 1))
+            self.held_since = None
+
     # --- loop ----------------------------------------------------------------------------------
     async def run_once(self) -> int:
         """One round, start to end: claim, poll, apply (drain mode and tests)."""
-        claimed = await asyncio.to_thread(self.claim)
+        limit = await asyncio.to_thread(self.round_limit)
+        claimed = await asyncio.to_thread(self.claim, limit) if limit else []
         if not claimed:
             return 0
         answers = await self.poll(claimed)
+        self.watch_account(answers)
         await asyncio.to_thread(self._apply_and_move_on, claimed, answers, self.audit.drain())
         return len(claimed)
 
@@ -574,7 +612,7 @@ class Poller:
     ) -> None:
         apply_effects(self.rt, self.apply(claimed, answers, records))
 
-    async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 5.0, idle_s: float = 0.25) -> None:
+    async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 2.0, idle_s: float = 0.25) -> None:
         """Rounds overlap: while one round's answers are being written, the next is claimed and
         polled (its jobs are leased, so the two never touch the same rows). Behind schedule (a
         claim came back full, its earliest job a quarter of the cadence late), the round after is
@@ -597,11 +635,13 @@ class Poller:
                     if ahead is not None:
                         claimed, ahead = await ahead, None
                     else:
-                        claimed = await asyncio.to_thread(self.claim)
+                        limit = await asyncio.to_thread(self.round_limit)
+                        claimed = await asyncio.to_thread(self.claim, limit) if limit else []
                     count = len(claimed)
                     if count >= self.settings.poller_batch and time.time() - claimed[0].due_s > behind_s:
                         ahead = asyncio.create_task(asyncio.to_thread(self.claim))
                     answers = await self.poll(claimed) if claimed else []
+                    self.watch_account(answers)
                     records = self.audit.drain()
                     if writing is not None:
                         await writing
