@@ -18,7 +18,6 @@ carry ``write``: rows committed in the same transaction as the step's completion
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from genline.config.constants import StepKind
@@ -34,9 +33,8 @@ from genline.config.errors import (
 from genline.config.logging import get_logger
 from genline.pipelines.context import Done, Outcome, PrepareFn, StepContext, StepFn, Waiting
 from genline.pipelines.jobs import forget_new_intent, media_plan, prepare_job, start_provider_job
-from genline.pipelines.request import sniff_image_type
 from genline.pipelines.runtime import Runtime
-from genline.pipelines.store import prepare_store, store_image_early, store_outputs
+from genline.pipelines.store import image_for_video, prepare_store, provider_url, store_image_early, store_outputs
 
 log = get_logger("genline.steps")
 
@@ -84,12 +82,11 @@ def _headline(ctx: StepContext) -> str:
 
 def photo_for_provider(rt: Runtime, ctx: StepContext) -> str:
     """The product photo as the provider takes it: an http(s) URL when there is one (the caller's,
-    or a presigned link to our S3 copy); on local storage, which no provider can reach, the
-    photo's bytes inline as a ``data:`` URL (at most 10 MB, checked at submit)."""
+    or a presigned link to our S3 copy); on local storage our copy's bytes inline (at most 10 MB,
+    checked at submit)."""
     if ctx.image_url.startswith(("http://", "https://")):
         return ctx.image_url
-    data = rt.store.read_bytes(ctx.image_ref)
-    return f"data:{sniff_image_type(data[:16]) or 'image/png'};base64,{base64.b64encode(data).decode()}"
+    return provider_url(rt, ctx.image_ref)
 
 
 def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
@@ -108,8 +105,12 @@ def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
 
 
 def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
-    image = ctx.outputs.get("image", {}).get("assets", [{}])[0].get("url")
     prompt = f"Slow cinematic reveal of the product. {_headline(ctx)}"
+    try:
+        image, ours = image_for_video(rt, ctx)
+    except Exception:
+        forget_new_intent(rt, ctx)  # nothing was sent under it: no job of unknown outcome to report
+        raise
 
     def payload(model: str) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -125,7 +126,7 @@ def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
 
     models, units = media_plan(ctx)
     outcome = start_provider_job(rt, ctx, "video", models, payload, units)
-    if isinstance(outcome, Waiting):  # the video is with the provider: copy the image meanwhile
+    if isinstance(outcome, Waiting) and image and not ours:  # the video renders: copy the image meanwhile
         store_image_early(rt, ctx)
     return outcome
 

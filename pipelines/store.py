@@ -7,6 +7,7 @@ is stored already); the rows recording the copies are committed with the step's 
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, cast
@@ -15,10 +16,12 @@ from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from genline.config.clock import utcnow
 from genline.config.constants import StepKind
 from genline.config.errors import GenlineError, ResultExpired
 from genline.config.logging import get_logger
 from genline.pipelines.context import Done, Outcome, StepContext
+from genline.pipelines.request import sniff_image_type
 from genline.pipelines.runtime import Runtime
 from genline.storage.models import StoredObject, new_id
 from genline.storage.objects import StoredObjectInfo
@@ -40,6 +43,34 @@ def store_image_early(rt: Runtime, ctx: StepContext) -> None:
     except Exception as exc:  # noqa: BLE001  # the step has handed its job on: nothing here may undo that
         code = exc.code if isinstance(exc, GenlineError) else type(exc).__name__
         log.warning("image_copy_deferred", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, code=code)
+
+
+def image_for_video(rt: Runtime, ctx: StepContext) -> tuple[str | None, bool]:
+    """The image the video is rendered from, and whether it is our own copy.
+
+    A fresh provider link (more than ``GENLINE_COPY_RISK_MARGIN_S`` left, or no expiry given) is
+    handed on as it is: the provider fetches it in moments, and our copy is made meanwhile. A link
+    close to its end is copied into our storage first and the video rendered from our copy, so the
+    provider is never handed a link that runs out before it reads it; a link already gone is a
+    ``ResultExpired``, never handed on."""
+    asset = (ctx.outputs.get(StepKind.IMAGE) or {}).get("assets", [{}])[0]
+    if not asset.get("url"):
+        return None, False
+    expires = _parse_time(asset.get("expires_at"))
+    if expires is None or (expires - utcnow()).total_seconds() > rt.settings.copy_risk_margin_s:
+        return str(asset["url"]), False
+    _store_image(rt, ctx)
+    return provider_url(rt, _wanted(ctx)[StepKind.IMAGE]), True
+
+
+def provider_url(rt: Runtime, key: str) -> str:
+    """One of our stored images as the provider can fetch it: a presigned http(s) URL (S3), or on
+    local storage, which no provider can reach, its bytes inline as a ``data:`` URL."""
+    url = rt.store.presigned_url(key, expires_s=24 * 3600)
+    if url.startswith(("http://", "https://")):
+        return url
+    data = rt.store.read_bytes(key)
+    return f"data:{sniff_image_type(data[:16]) or 'image/png'};base64,{base64.b64encode(data).decode()}"
 
 
 def _store_image(rt: Runtime, ctx: StepContext) -> None:

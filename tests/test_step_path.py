@@ -30,7 +30,6 @@ from genline.config.constants import JobStatus, StepStatus
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
 from genline.pipelines.audit import DatabaseAuditSink
-from genline.pipelines.dispatch import MemoryDispatcher
 from genline.pipelines.engine import run_step
 from genline.pipelines.runtime import Runtime
 from genline.provider.gateway import CallContext, CallRecord
@@ -40,40 +39,9 @@ from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 from genline.workers.drain import drain, jobs_in_flight
 from genline.workers.poller import Poller
+from tests.support.drive import kind_of, next_nudge, nudges, output_of, run_until, sim_stats, step_row
 
 RequestFn = Callable[..., dict[str, Any]]
-
-
-def sim_stats(sim: SimulatorHandle) -> dict[str, Any]:
-    return httpx.get(f"{sim.base_url}/_sim/stats").json()
-
-
-def nudges(rt: Runtime) -> MemoryDispatcher:
-    """The in-memory broker of drain mode (the ``rt`` fixtures'), whose nudges a test can take by hand."""
-    assert isinstance(rt.dispatcher, MemoryDispatcher)
-    return rt.dispatcher
-
-
-def next_nudge(rt: Runtime) -> str:
-    step_id = nudges(rt).pop()
-    assert step_id is not None, "no step was nudged"
-    return step_id
-
-
-def kind_of(rt: Runtime, step_id: str) -> str:
-    with rt.db.transaction() as s:
-        return s.get_one(Step, step_id).kind
-
-
-def step_row(rt: Runtime, pipeline_id: str, kind: str) -> Step:
-    with rt.db.transaction() as s:
-        return s.scalars(select(Step).where(Step.pipeline_id == pipeline_id, Step.kind == kind)).one()
-
-
-def output_of(rt: Runtime, pipeline_id: str, kind: str) -> dict[str, Any]:
-    output = step_row(rt, pipeline_id, kind).output
-    assert output is not None, f"the {kind} step has no output: it has not succeeded"
-    return output
 
 
 def calls(rt: Runtime, pipeline_id: str, operation: str) -> list[ProviderCall]:
@@ -83,24 +51,6 @@ def calls(rt: Runtime, pipeline_id: str, operation: str) -> list[ProviderCall]:
                 select(ProviderCall).where(ProviderCall.pipeline_id == pipeline_id, ProviderCall.operation == operation)
             )
         )
-
-
-def run_until(rt: Runtime, kind: str) -> str:
-    """Run nudges and polls until a step of ``kind`` is nudged; return its id without running it."""
-    poller = Poller(rt)
-    loop = asyncio.new_event_loop()
-    try:
-        for _ in range(500):
-            while (step_id := nudges(rt).pop()) is not None:
-                if kind_of(rt, step_id) == kind:
-                    return step_id
-                run_step(rt, step_id)
-            if not loop.run_until_complete(poller.run_once()):
-                loop.run_until_complete(asyncio.sleep(0.01))  # the next poll is not due yet
-        raise AssertionError(f"no {kind} step was nudged")
-    finally:
-        loop.run_until_complete(poller.aclose())
-        loop.close()
 
 
 @contextmanager
