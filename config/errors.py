@@ -36,7 +36,10 @@ Third-party exceptions are translated at the boundary that meets them, always ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # config/ never imports provider/ at run time
+    from genline.provider.client import Answer
 
 
 class GenlineError(Exception):
@@ -103,6 +106,8 @@ class ProviderError(GenlineError):
         super().__init__(message, code=code)
         self.status_code = status_code
         self.request_id = request_id
+        #: The HTTP answer that carried this error, when there was one (for the gateway's audit).
+        self.answer: Answer | None = None
 
 
 class RetryableProviderError(ProviderError):

@@ -1,23 +1,41 @@
 """Raw HTTP yardsticks for the poller: how many ``GET /v1/tasks/{id}`` a second an asyncio HTTP
 client can do against the simulator, with nothing else in the way (no database, no gateway).
 
-Also the helper that creates provider tasks in the simulator through its public API.
+Also the helper that creates provider tasks in the simulator through its public API, and the
+comparison of the poller's reader candidates behind docs/POLL_READER.md (CPU µs a GET, GET/s):
+
+    .venv/bin/python -m lab.bench_http --seconds 4 --rounds 3
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
+import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import h11
 import httpx
 
 from genline.config.loop import loop_factory
 from genline.config.loop import run as run_loop
+from genline.provider.http_reader import (
+    MAX_BODY_BYTES,
+    MAX_HEAD_BYTES,
+    ConnectionPool,
+    Headers,
+    HttpProtocolError,
+    ServerDisconnected,
+    _Connection,
+)
+from genline.provider.poll_client import AiohttpTaskReader, HttpTaskReader
 
 CONCURRENCY = 64
 
@@ -117,7 +135,6 @@ async def reader_rate(
 ) -> tuple[float, int]:
     """The poller's own client (``HttpTaskReader``), bare: a GET and its JSON parsed, nothing else."""
     from genline.config.settings import load_settings
-    from genline.provider.poll_client import HttpTaskReader
 
     settings = load_settings({"APIMART_BASE_URL": base_url, "APIMART_API_KEY": key or ""})
     reader = HttpTaskReader(settings, max_connections=concurrency)
@@ -162,3 +179,168 @@ def raw_http_rates(
                 raise RuntimeError(f"{errors} raw {name} GETs failed; is the simulator's rate limit raised?")
             out[name] = max(out.get(name, 0.0), rate)
     return out
+
+
+# --- the poller's reader candidates (docs/POLL_READER.md) ------------------------------------------
+class H11Connection(_Connection):
+    """``http_reader``'s keep-alive connection with its answers parsed by h11 instead of by hand
+    (and its requests written by h11, which must see them to follow the exchange)."""
+
+    request_headers: list[tuple[bytes, bytes]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def send(self, request: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[tuple[int, Headers, bytes]]:
+        assert self.transport is not None
+        self.waiter = loop.create_future()
+        self.answered = False
+        self.reusable = False
+        target = request[4 : request.index(b" ", 4)]
+        data = self.h11.send(h11.Request(method=b"GET", target=target, headers=self.request_headers))
+        self.transport.write((data or b"") + (self.h11.send(h11.EndOfMessage()) or b""))
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            self.abort()
+            return
+        self.answered = True
+        self.h11.receive_data(data)
+        self._events()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is None or self.waiter.done():
+            return
+        self.h11.receive_data(b"")
+        self._events()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ServerDisconnected("closed mid-answer", answered=self.answered))
+
+    def _events(self) -> None:
+        try:
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    return
+                if isinstance(event, h11.Response):
+                    headers = Headers()
+                    for name, value in event.headers:
+                        key, text = name.decode("latin-1"), value.decode("latin-1")
+                        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+                    self.status, self.headers = event.status_code, headers
+                elif isinstance(event, h11.Data):
+                    self.size += len(event.data)
+                    if self.size > MAX_BODY_BYTES:
+                        raise HttpProtocolError("the answer is too large")
+                    self.parts.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    body, self.parts, self.size = b"".join(self.parts), [], 0
+                    self.keep_alive = self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+                    if self.keep_alive:
+                        self.h11.start_next_cycle()
+                    self._finish(body)
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except (h11.RemoteProtocolError, HttpProtocolError) as exc:
+            self._fail(HttpProtocolError(str(exc)))
+
+
+class H11TaskReader(HttpTaskReader):
+    """``HttpTaskReader`` on h11-parsed connections: the same pool, timeouts, decoding and errors."""
+
+    async def _get(self, path: str) -> tuple[int, Any, bytes]:
+        if self._pool is None:
+            lines = self._tail.split(b"\r\n")[1:-2]
+            headers = [tuple(line.split(b": ", 1)) for line in lines]
+            pool = ConnectionPool(
+                self._url,
+                limit=self._limit,
+                connect_timeout_s=self._connect_timeout_s,
+                read_timeout_s=self._read_timeout_s,
+            )
+            pool.connection_class = type("H11Conn", (H11Connection,), {"request_headers": headers})
+            self._pool = pool
+        return await self._pool.get(b"GET " + path.encode("ascii") + self._tail)
+
+
+#: The candidates measured, by name: a class taking ``(settings, max_connections=)`` with ``get_task``.
+CANDIDATES: dict[str, Any] = {"own": HttpTaskReader, "h11": H11TaskReader, "aiohttp": AiohttpTaskReader}
+
+
+def _reader(kind: str, base_url: str, key: str | None, concurrency: int) -> Any:
+    from genline.config.settings import load_settings
+
+    settings = load_settings({"APIMART_BASE_URL": base_url, "APIMART_API_KEY": key or ""})
+    return CANDIDATES[kind](settings, max_connections=concurrency)
+
+
+async def reader_cost(
+    kind: str, base_url: str, key: str | None, task_ids: list[str], seconds: float, concurrency: int = CONCURRENCY
+) -> tuple[float, float]:
+    """GET/s and CPU µs a GET of this process for one reader candidate's ``get_task`` (request,
+    answer framed and decoded, JSON parsed, the task state read: what the poller pays a read)."""
+    reader = _reader(kind, base_url, key, concurrency)
+    try:
+
+        async def get(task_id: str) -> int:
+            state, answer = await reader.get_task(task_id)
+            return int(answer.status_code)
+
+        await _drive(get, task_ids[:concurrency], 0.3, concurrency)  # connections up
+        cpu, wall = time.process_time(), time.perf_counter()
+        rate, errors = await _drive(get, task_ids, seconds, concurrency)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if errors:
+            raise RuntimeError(f"{errors} {kind} reads failed")
+        return rate, cpu / (rate * wall) * 1e6
+    finally:
+        await reader.aclose()
+
+
+def compare_readers(seconds: float, rounds: int, concurrency: int) -> dict[str, list[tuple[float, float]]]:
+    """Every candidate on asyncio's loop and on uvloop, in turn, ``rounds`` times (interleaved, as
+    the machine's speed drifts), against one simulator in its own process."""
+    from genline.config.catalog import load_catalog
+    from lab.bench_sim import SimProcess
+
+    key = "bench-readers-key"
+    runners: list[tuple[str, Callable[[Any], Any]]] = [("asyncio", asyncio.run)]
+    uv = _uvloop_runner()
+    if uv is not None:
+        runners.append(("uvloop", uv))
+    out: dict[str, list[tuple[float, float]]] = {}
+    config = {"video_seconds": 3600.0, "rate_limit_per_s": 10**9}
+    with tempfile.TemporaryDirectory() as tmp, SimProcess(config, api_key=key, log_path=Path(tmp) / "sim.log") as sim:
+        model = load_catalog().profiles["standard"].video_models[0]
+        ids = sim.make_jobs(2000, model=model)
+        for _ in range(rounds):
+            for kind in CANDIDATES:
+                for loop_name, run in runners:
+                    result = run(reader_cost(kind, sim.base_url, key, ids, seconds, concurrency))
+                    out.setdefault(f"{kind} ({loop_name})", []).append(result)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="CPU µs a GET and GET/s of the poller's reader candidates")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    args = parser.parse_args()
+    results = compare_readers(args.seconds, args.rounds, args.concurrency)
+    print(f"{'reader':<20} {'CPU µs/GET (median, min-max)':>30} {'GET/s (median, min-max)':>30}")
+    for name, runs in results.items():
+        rates, cpus = [r for r, _ in runs], [c for _, c in runs]
+        cpu = f"{statistics.median(cpus):.1f} ({min(cpus):.1f}-{max(cpus):.1f})"
+        rate = f"{statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f})"
+        print(f"{name:<20} {cpu:>30} {rate:>30}")
+
+
+if __name__ == "__main__":
+    main()

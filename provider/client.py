@@ -1,8 +1,9 @@
 """The seam to the AI provider: one HTTP request per method, over httpx, speaking ``wire``.
 
-``ProviderClient`` (sync, for workers) and ``AsyncProviderClient`` (for the poller) share how a
-request is built and how an answer is read; only the transport differs. Neither retries, budgets
-or audits: that is the gateway's job. httpx exceptions are translated here, at the boundary.
+``ProviderClient`` (sync, for workers: chat, submits, cancels) and the poller's readers
+(``poll_client``: job states) share how an answer is read (``read_answer``); only the transport
+differs. None of them retries, budgets or audits: that is the gateway's job. httpx exceptions are
+translated here, at the boundary.
 
 The API key goes into the Authorization header and nowhere else; it is never part of an error.
 """
@@ -10,7 +11,7 @@ The API key goes into the Authorization header and nowhere else; it is never par
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,9 @@ from genline.config.settings import Secret, Settings
 from genline.provider.wire import (
     ChatResult,
     SubmitResult,
-    TaskState,
     error_for_status,
     parse_chat,
     parse_submit,
-    parse_task,
 )
 
 SUBMIT_PATHS = {"image": "/v1/images/generations", "video": "/v1/videos/generations"}
@@ -67,15 +66,11 @@ def submit_request(kind: str, payload: dict[str, Any], idempotency_key: str) -> 
     return Request("POST", SUBMIT_PATHS[kind], payload, {IDEMPOTENCY_HEADER: idempotency_key})
 
 
-def task_request(task_id: str) -> Request:
-    return Request("GET", f"/v1/tasks/{task_id}", None, None)
-
-
 def cancel_request(task_id: str) -> Request:
     return Request("POST", f"/v1/tasks/{task_id}/cancel", {}, None)
 
 
-def _headers(api_key: Secret | None) -> dict[str, str]:
+def request_headers(api_key: Secret | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "genline/0.1"}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key.reveal()}"
@@ -97,33 +92,40 @@ def translate_errors(path: str) -> Iterator[None]:
         raise ProviderConnectionError(f"The provider could not be reached for {path} ({type(exc).__name__}).") from exc
 
 
-def read_answer(response: httpx.Response) -> tuple[Any, Answer]:
-    """Body and facts of an answer; an HTTP error becomes the matching ProviderError."""
-    request_id = response.headers.get("x-request-id")
-    remaining = response.headers.get("x-ratelimit-remaining")
-    answer = Answer(
-        status_code=response.status_code,
-        request_id=request_id,
+def answer_of(status: int, headers: Mapping[str, str]) -> Answer:
+    """The facts of an answer the gateway audits. ``headers`` must look names up in any case
+    (httpx's, aiohttp's and ``http_reader.Headers`` do)."""
+    remaining = headers.get("x-ratelimit-remaining")
+    return Answer(
+        status_code=status,
+        request_id=headers.get("x-request-id"),
         ratelimit_remaining=int(remaining) if remaining and remaining.isdigit() else None,
     )
+
+
+def read_answer(status: int, headers: Mapping[str, str], raw: bytes) -> tuple[Any, Answer]:
+    """Body (parsed JSON) and facts of an answer, whichever client carried it (httpx here, the
+    poller's readers in ``poll_client``); ``raw`` is the body with its content coding undone.
+    An HTTP error becomes the matching ProviderError, a body that is not JSON a
+    ``ProviderBadResponse``; either carries the answer, for the gateway's audit."""
+    answer = answer_of(status, headers)
+    body: Any
     try:
-        body = response.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = None
-    if response.status_code >= 400:
-        err = error_for_status(
-            response.status_code, body, retry_after=response.headers.get("retry-after"), request_id=request_id
-        )
-        err.answer = answer  # type: ignore[attr-defined]  # read by the gateway's audit
-        raise err
-    if body is None:
-        err2: ProviderError = ProviderBadResponse(
+    err: ProviderError | None = None
+    if status >= 400:
+        err = error_for_status(status, body, retry_after=headers.get("retry-after"), request_id=answer.request_id)
+    elif body is None:
+        err = ProviderBadResponse(
             "The provider answered with something that is not JSON.",
-            status_code=response.status_code,
-            request_id=request_id,
+            status_code=status,
+            request_id=answer.request_id,
         )
-        err2.answer = answer  # type: ignore[attr-defined]
-        raise err2
+    if err is not None:
+        err.answer = answer
+        raise err
     return body, answer
 
 
@@ -133,7 +135,7 @@ class ProviderClient:
     def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None) -> None:
         self._http = httpx.Client(
             base_url=settings.provider_base_url,
-            headers=_headers(settings.provider_api_key),
+            headers=request_headers(settings.provider_api_key),
             timeout=_timeout(settings),
             transport=transport,
         )
@@ -141,7 +143,7 @@ class ProviderClient:
     def send(self, request: Request) -> tuple[Any, Answer]:
         with translate_errors(request.path):
             response = self._http.request(request.method, request.path, json=request.body, headers=request.headers)
-        return read_answer(response)
+        return read_answer(response.status_code, response.headers, response.content)
 
     def chat(
         self, model: str, messages: list[dict[str, str]], *, max_tokens: int, temperature: float = 0.7
@@ -153,10 +155,6 @@ class ProviderClient:
         body, answer = self.send(submit_request(kind, payload, idempotency_key))
         return parse_submit(body), answer
 
-    def get_task(self, task_id: str) -> tuple[TaskState, Answer]:
-        body, answer = self.send(task_request(task_id))
-        return parse_task(body, task_id=task_id), answer
-
     def cancel(self, task_id: str) -> tuple[bool, Answer]:
         """Ask the provider to stop a job; False when it has already ended."""
         _body, answer = self.send(cancel_request(task_id))
@@ -164,32 +162,3 @@ class ProviderClient:
 
     def close(self) -> None:
         self._http.close()
-
-
-class AsyncProviderClient:
-    """Non-blocking client for the poller: many status reads in flight on one event loop."""
-
-    def __init__(
-        self, settings: Settings, *, max_connections: int = 64, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=settings.provider_base_url,
-            headers=_headers(settings.provider_api_key),
-            timeout=_timeout(settings),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
-
-    async def send(self, request: Request) -> tuple[Any, Answer]:
-        with translate_errors(request.path):
-            response = await self._http.request(
-                request.method, request.path, json=request.body, headers=request.headers
-            )
-        return read_answer(response)
-
-    async def get_task(self, task_id: str) -> tuple[TaskState, Answer]:
-        body, answer = await self.send(task_request(task_id))
-        return parse_task(body, task_id=task_id), answer
-
-    async def aclose(self) -> None:
-        await self._http.aclose()

@@ -78,7 +78,9 @@ class Stage(Protocol):
 
 
 class TaskReader(Protocol):
-    """What the poller reads job states with (``AiohttpTaskReader``, or httpx's ``AsyncProviderClient``)."""
+    """What the poller reads job states with (``poll_client.HttpTaskReader``, or its
+    ``AiohttpTaskReader`` when a proxy is configured). A ``ProviderError`` it raises after an HTTP
+    answer carries that answer (``error.answer``), for the audit."""
 
     async def get_task(self, task_id: str) -> tuple[TaskState, Answer]: ...
 
@@ -202,7 +204,7 @@ class Gateway:
             try:
                 result, answer = call()
             except ProviderError as error:
-                self._finish(record, started, getattr(error, "answer", None), error)
+                self._finish(record, started, error.answer, error)
                 wait = self.retry.delay(attempt, error, self._rng)
                 if wait is None:
                     raise
@@ -232,7 +234,7 @@ class Gateway:
         try:
             state, answer = await self._async_client.get_task(task_id)
         except ProviderError as error:
-            self._finish(record, started, getattr(error, "answer", None), error)
+            self._finish(record, started, error.answer, error)
             raise
         if state.status == JobStatus.COMPLETED and ctx.model:
             record.units = units

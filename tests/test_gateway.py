@@ -23,8 +23,9 @@ from genline.config.errors import (
     ProviderUnavailable,
 )
 from genline.config.settings import Settings
-from genline.provider.client import AsyncProviderClient, ProviderClient
+from genline.provider.client import ProviderClient
 from genline.provider.gateway import CallContext, Gateway, MemoryAuditSink, RetryPolicy
+from genline.provider.poll_client import HttpTaskReader
 from genline.provider.shared_state import RedisSharedState
 from genline.provider.simulator import SimulatorHandle
 from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
@@ -182,7 +183,7 @@ def test_a_submit_and_its_poll_share_the_job_and_the_poll_books_the_cost(
     assert job.task_id == again.task_id
 
     async def poll() -> None:
-        poller = Gateway(load_catalog(), audit, async_client=AsyncProviderClient(settings))
+        poller = Gateway(load_catalog(), audit, async_client=HttpTaskReader(settings))
         state = await poller.poll(ctx, job.task_id, units=6)
         assert state.status == "completed" and state.assets
         await poller.aclose()

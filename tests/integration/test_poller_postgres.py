@@ -1,28 +1,20 @@
 """The poller's PostgreSQL path (one-statement claim, bulk routine update, audit by COPY, the ORM
-only for jobs that end) on a real database against the real simulator, and the poller's own
-HTTP/1.1 reader against servers that answer in the ways real ones do."""
+only for jobs that end) on a real database against the real simulator. The poller's HTTP readers
+need no database: tests/test_poll_reader.py."""
 
 from __future__ import annotations
 
 import asyncio
-import gzip
-import ipaddress
-import json
-import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import httpx
 import pytest
 from sqlalchemy import select, update
 
-from genline.config.errors import ProviderBadResponse, ProviderConnectionError, ProviderNotFound, ProviderTimeout
 from genline.config.settings import Settings
 from genline.pipelines.runtime import Runtime
-from genline.provider.poll_client import HttpTaskReader
 from genline.provider.simulator import SimulatorHandle
 from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
@@ -144,7 +136,10 @@ def test_a_round_on_postgres_leaves_every_job_and_the_audit_log_right(pg_rt: Run
     _faults(sim, *({"method": "GET", "path": f"/v1/tasks/{t}", "status": 503, "times": 1} for t in retry_tasks))
     everything = long_ids + retry_ids + done_ids + gone_ids
 
-    due = {job_id: job.next_poll_at for job_id, job in _jobs(rt).items()}
+    due: dict[str, datetime] = {}
+    for job_id, job in _jobs(rt).items():
+        assert job.next_poll_at is not None
+        due[job_id] = job.next_poll_at
     poller = Poller(rt)
     before = datetime.now(UTC)
     assert _round(poller) == len(everything)
@@ -296,10 +291,10 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
     claims_during_reads = 0
     claim, poll = poller.claim, poller.poll
 
-    def watched_claim() -> list[Any]:
+    def watched_claim(limit: int | None = None) -> list[Any]:
         nonlocal claims_during_reads
         claims_during_reads += reading
-        return claim()
+        return claim(limit)
 
     async def watched_poll(claimed: list[Any]) -> list[Any]:
         nonlocal reading
@@ -324,9 +319,9 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
         await running
 
     asyncio.run(scenario())
-    jobs = _jobs(rt)
-    assert {j: jobs[j].polls for j in job_ids} == {j: 1 for j in job_ids}
-    assert all(j.lease_until is None for j in jobs.values())
+    rows = _jobs(rt)
+    assert {j: rows[j].polls for j in job_ids} == {j: 1 for j in job_ids}
+    assert all(j.lease_until is None for j in rows.values())
     assert len(_polls_audited(rt)) == len(job_ids)
     if behind:  # a second late (half a cadence): rounds overlap, claims taken while reads are in flight
         assert claims_during_reads >= 3
@@ -393,302 +388,3 @@ def test_audit_rows_by_copy_are_the_rows_an_insert_writes(pg_rt: Runtime) -> Non
     assert by["pl_copy"] == by["pl_insert"]
     assert [name for name, _ in _COPY_TYPES] == list(audit_row(records("pl")[0]))  # no column left out
     assert by["pl_copy"][1][0] == datetime(2026, 11, 27, 8, 0, 2, tzinfo=UTC)  # ts, back in UTC
-
-
-# --- the HTTP/1.1 reader ---------------------------------------------------------------------------
-Reply = Callable[[str, int], Awaitable[tuple[bytes, bool]]]  # (path, nth request on this connection) -> (bytes, close?)
-
-
-class ScriptedServer:
-    """A bare TCP server answering each request with bytes the test chooses."""
-
-    def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
-        self.reply = reply
-        self.tls = tls
-        self.connections = 0
-        self.requests: list[str] = []
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> ScriptedServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        for w in self.writers:
-            w.close()
-        self.server.close()
-
-    @property
-    def base_url(self) -> str:
-        assert self.server is not None
-        scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.writers.append(writer)
-        nth = 0
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1].decode()
-                self.requests.append(head.decode("latin-1"))
-                data, close = await self.reply(path, nth)
-                nth += 1
-                writer.write(data)
-                await writer.drain()
-                if close:
-                    writer.close()
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-
-def _task_id(path: str) -> str:
-    return unquote(path.removeprefix("/v1/tasks/"))
-
-
-def _task_body(task_id: str, status: str = "processing") -> bytes:
-    return json.dumps({"code": 200, "data": {"id": task_id, "status": status, "progress": 42}}).encode()
-
-
-def _ok(body: bytes, *headers: str) -> bytes:
-    head = ["HTTP/1.1 200 OK", "Content-Type: application/json", *headers]
-    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
-        head.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def _reader(make_settings: Callable[..., Settings], base_url: str, **env: str) -> HttpTaskReader:
-    return HttpTaskReader(make_settings(base_url, **env), max_connections=4)
-
-
-def test_the_reader_reads_length_chunked_close_delimited_and_compressed_answers(
-    make_settings: Callable[..., Settings],
-) -> None:
-    async def reply(path: str, nth: int) -> tuple[bytes, bool]:
-        task_id = _task_id(path)
-        body = _task_body(task_id)
-        if task_id == "chunked":
-            chunks = [body[:7], body[7:20], body[20:]]
-            data = (
-                b"".join(f"{len(c):x};ext=1\r\n".encode() + c + b"\r\n" for c in chunks) + b"0\r\nX-Trailer: t\r\n\r\n"
-            )
-            return _ok(data, "Transfer-Encoding: chunked", "X-REQUEST-ID: req-chunked"), False
-        if task_id == "until-close":
-            return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + body, True
-        if task_id == "gzipped":
-            return _ok(gzip.compress(body), "Content-Encoding: gzip"), False
-        if task_id == "interim":
-            return b"HTTP/1.1 100 Continue\r\n\r\n" + _ok(body), False
-        return _ok(body, "x-ratelimit-remaining: 17", "X-Request-Id: req-plain"), False
-
-    async def scenario() -> None:
-        async with ScriptedServer(reply) as server:
-            reader = _reader(make_settings, server.base_url)
-            try:
-                state, answer = await reader.get_task("plain")
-                assert (state.task_id, state.status, state.progress) == ("plain", "processing", 42)
-                assert (answer.status_code, answer.request_id, answer.ratelimit_remaining) == (200, "req-plain", 17)
-                for task_id in ("chunked", "until-close", "gzipped", "interim", "plain"):
-                    state, answer = await reader.get_task(task_id)
-                    assert (state.task_id, state.progress) == (task_id, 42)
-                assert answer.request_id == "req-plain"
-                assert server.requests[0].startswith("GET /v1/tasks/plain HTTP/1.1\r\n")
-                assert f"Authorization: Bearer {TEST_KEY}" in server.requests[0]
-                assert server.connections == 2  # kept alive, except after the answer that ended with the connection
-            finally:
-                await reader.aclose()
-
-    asyncio.run(scenario())
-
-
-def test_the_reader_replaces_a_connection_the_server_closed_and_honours_connection_close(
-    make_settings: Callable[..., Settings],
-) -> None:
-    async def reply(path: str, nth: int) -> tuple[bytes, bool]:
-        task_id = _task_id(path)
-        if task_id == "dropped" and nth > 0:
-            return b"", True  # a keep-alive connection the server closes as the request arrives
-        if task_id == "then-close":
-            return _ok(_task_body(task_id), "Connection: close"), False  # says close, leaves it to us
-        return _ok(_task_body(task_id)), task_id == "closed-after"
-
-    async def scenario() -> None:
-        async with ScriptedServer(reply) as server:
-            reader = _reader(make_settings, server.base_url)
-            try:
-                await reader.get_task("first")  # connection 1
-                state, _ = await reader.get_task("dropped")  # connection 1, dropped: sent again on 2, no error
-                assert state.task_id == "dropped"
-                await reader.get_task("then-close")  # connection 2, closed by us after the answer
-                await reader.get_task("closed-after")  # connection 3, closed by the server after the answer
-                await asyncio.sleep(0.05)
-                state, _ = await reader.get_task("last")  # connection 4
-                assert state.task_id == "last"
-                assert server.connections == 4
-                assert len(server.requests) == 6
-            finally:
-                await reader.aclose()
-
-    asyncio.run(scenario())
-
-
-def test_the_reader_turns_errors_timeouts_and_garbage_into_provider_errors(
-    make_settings: Callable[..., Settings],
-) -> None:
-    async def reply(path: str, nth: int) -> tuple[bytes, bool]:
-        task_id = _task_id(path)
-        if task_id == "slow":
-            await asyncio.sleep(5)
-        if task_id == "missing":
-            body = b'{"error": {"message": "No such task.", "code": "task_not_found"}}'
-            return b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\nx-request-id: r404\r\n\r\n" % len(
-                body
-            ) + body, False
-        if task_id == "not-json":
-            return _ok(b"<html>gateway</html>"), False
-        if task_id == "not-http":
-            return b"SSH-2.0-OpenSSH\r\n\r\n", False
-        return _ok(_task_body(task_id)), False
-
-    async def scenario() -> None:
-        async with ScriptedServer(reply) as server:
-            reader = _reader(make_settings, server.base_url, GENLINE_HTTP_TIMEOUT_S="0.2")
-            try:
-                with pytest.raises(ProviderNotFound) as not_found:
-                    await reader.get_task("missing")
-                assert not_found.value.answer.request_id == "r404"  # type: ignore[attr-defined]
-                with pytest.raises(ProviderBadResponse):
-                    await reader.get_task("not-json")
-                with pytest.raises(ProviderConnectionError):
-                    await reader.get_task("not-http")
-                with pytest.raises(ProviderTimeout):
-                    await reader.get_task("slow")
-                state, _ = await reader.get_task("fine")  # the reader is still usable
-                assert state.task_id == "fine"
-            finally:
-                await reader.aclose()
-        unreachable = _reader(make_settings, "http://127.0.0.1:9")
-        try:
-            with pytest.raises(ProviderConnectionError):
-                await unreachable.get_task("x")
-        finally:
-            await unreachable.aclose()
-
-    asyncio.run(scenario())
-
-
-def test_the_reader_opens_no_more_connections_than_its_limit(make_settings: Callable[..., Settings]) -> None:
-    in_flight = 0
-    most = 0
-
-    async def reply(path: str, nth: int) -> tuple[bytes, bool]:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        await asyncio.sleep(0.01)
-        in_flight -= 1
-        return _ok(_task_body(_task_id(path))), False
-
-    async def scenario() -> None:
-        async with ScriptedServer(reply) as server:
-            reader = _reader(make_settings, server.base_url)  # 4 connections
-            try:
-                states = await asyncio.gather(*(reader.get_task(f"t{i}") for i in range(40)))
-                assert [s.task_id for s, _ in states] == [f"t{i}" for i in range(40)]
-                assert server.connections == 4 and most == 4
-                state, _ = await reader.get_task("odd id/with space")
-                assert state.task_id == "odd id/with space"
-                assert "GET /v1/tasks/odd%20id/with%20space HTTP/1.1" in server.requests[-1]
-            finally:
-                await reader.aclose()
-
-    asyncio.run(scenario())
-
-
-def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A server context with a certificate for 127.0.0.1, and a client context that trusts it."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    client = ssl.create_default_context(cadata=cert_pem.decode())
-    return server, client
-
-
-def test_the_reader_speaks_tls_and_checks_the_certificate(
-    make_settings: Callable[..., Settings], tmp_path: Path
-) -> None:
-    server_tls, client_tls = _self_signed(tmp_path)
-
-    async def reply(path: str, nth: int) -> tuple[bytes, bool]:
-        return _ok(_task_body(_task_id(path))), False
-
-    async def scenario() -> None:
-        async with ScriptedServer(reply, tls=server_tls) as server:
-            trusting = HttpTaskReader(make_settings(server.base_url), max_connections=2, ssl_context=client_tls)
-            try:
-                for task_id in ("a", "b", "c"):
-                    state, _ = await trusting.get_task(task_id)
-                    assert state.task_id == task_id
-                assert server.connections == 1
-            finally:
-                await trusting.aclose()
-            default = HttpTaskReader(make_settings(server.base_url), max_connections=2)  # does not trust it
-            try:
-                with pytest.raises(ProviderConnectionError):
-                    await default.get_task("a")
-            finally:
-                await default.aclose()
-
-    asyncio.run(scenario())
-
-
-def test_the_poller_reads_through_aiohttp_when_the_environment_names_a_proxy(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from genline.provider.poll_client import AiohttpTaskReader, HttpTaskReader, make_task_reader
-
-    settings = make_settings("https://api.provider.example")
-    for name in (
-        "HTTPS_PROXY",
-        "https_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    assert isinstance(make_task_reader(settings, max_connections=4), HttpTaskReader)
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert isinstance(make_task_reader(settings, max_connections=4), AiohttpTaskReader)
-    monkeypatch.setenv("NO_PROXY", "api.provider.example")
-    assert isinstance(make_task_reader(settings, max_connections=4), HttpTaskReader)
