@@ -10,9 +10,9 @@ the default batch and concurrency).
 Each step activates N jobs, their first polls spread evenly over one interval, and the jobs sit
 in the part of a render where the poller's cadence is the plain interval (between 80% and 200%
 of the provider's estimate: ``next_delay``). After one interval of warm-up, the poller's own
-``lateness_s`` (applied time minus due time, per poll) is read over a window; the step is on
-schedule when its p99 is at most 1 s and the poller applied at least 95% of the polls a second
-a 2 s cadence asks for (N/2, less the few jobs that finish in the window; a poller that let its
+lateness (applied time minus due time, per poll; the poller tells it through ``on_applied``) is
+read over a window; the step is on schedule when its p99 is at most 1 s and the poller applied at
+least 95% of the polls a second a 2 s cadence asks for (N/2, less the few jobs that finish in the window; a poller that let its
 cadence stretch would pass on lateness alone). Steps grow until one misses; the capacity is the
 largest N that was on schedule.
 
@@ -273,11 +273,18 @@ async def _run_window(
 
     from genline.workers.poller import Poller
 
-    poller = Poller(rt)
+    lateness: list[float] = []
+    counting = False
+
+    def on_applied(samples: list[float]) -> None:
+        if counting:
+            lateness.extend(samples)
+
+    poller = Poller(rt, on_applied=on_applied)
     stop = asyncio.Event()
     task = asyncio.create_task(poller.run(stop))
     await asyncio.sleep(warmup_s)
-    first = poller.lateness_dropped + len(poller.lateness_s)  # a count that only grows (old samples are dropped)
+    counting = True
     started = time.perf_counter()
     me = os.getpid()
     meter = CpuMeter(
@@ -291,12 +298,11 @@ async def _run_window(
                 await asyncio.sleep(window_s)
         else:
             await asyncio.sleep(window_s)
-        last = poller.lateness_dropped + len(poller.lateness_s)
+        counting = False
         elapsed = time.perf_counter() - started
     stop.set()
     await asyncio.wait_for(task, timeout=120)
-    base = poller.lateness_dropped
-    return poller.lateness_s[max(0, first - base) : max(0, last - base)], elapsed, meter
+    return lateness, elapsed, meter
 
 
 def _measure_step(

@@ -23,7 +23,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -58,7 +58,6 @@ log = get_logger("genline.poller")
 POLLED = (JobStatus.PENDING.value, JobStatus.PROCESSING.value)
 ENDED = frozenset({JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
 ACCOUNT_PROBE_S = 10.0  # while the account is refused, one read this often tells when it works again
-LATENESS_KEEP = 200_000  # samples of lateness kept in memory (the benchmark reads them)
 
 
 class LeaseLost(Exception):  # noqa: N818  # not an error: a job skipped
@@ -217,7 +216,13 @@ def _naive(value: datetime) -> datetime:
 
 
 class Poller:
-    def __init__(self, rt: Runtime, *, client: TaskReader | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        client: TaskReader | None = None,
+        on_applied: Callable[[list[float]], None] | None = None,
+    ) -> None:
         self.rt = rt
         self.settings = rt.settings
         self.audit = MemoryAuditSink()
@@ -228,10 +233,9 @@ class Poller:
         # ACCOUNT_PROBE_S until a read succeeds again or an operator lifts the pause.
         self.held_since: float | None = None
         self._last_probe = 0.0
-        # due → applied, per poll, for the benchmark: the latest LATENESS_KEEP samples, and how
-        # many older ones were dropped (so ``lateness_dropped + len(lateness_s)`` only grows).
-        self.lateness_s: list[float] = []
-        self.lateness_dropped = 0
+        # Told, after each round is written, how late each of its polls was applied (applied time
+        # minus due time, in seconds): what the benchmark and the metrics read. None: not measured.
+        self.on_applied = on_applied
 
     async def _gateway(self) -> Gateway:
         if self.gateway is None:
@@ -426,16 +430,10 @@ class Poller:
                 self._write_routine(s, todo)
             if todo.ended:
                 effects = self._apply_ended(s, todo.ended, now_s)
-        self._record_lateness(claimed, answers)
+        if self.on_applied is not None:
+            done = time.time()
+            self.on_applied([done - c.due_s for c, a in zip(claimed, answers, strict=True) if a is not LEASE_LOST])
         return effects
-
-    def _record_lateness(self, claimed: list[Claimed], answers: list[TaskState | BaseException]) -> None:
-        done = time.time()
-        self.lateness_s.extend([done - c.due_s for c, a in zip(claimed, answers, strict=True) if a is not LEASE_LOST])
-        if len(self.lateness_s) > LATENESS_KEEP:
-            drop = len(self.lateness_s) - LATENESS_KEEP // 2
-            del self.lateness_s[:drop]
-            self.lateness_dropped += drop
 
     def _write_routine(self, s: Session, todo: Sorted) -> None:
         if self.rt.db.is_postgres:
