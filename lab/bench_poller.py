@@ -12,9 +12,9 @@ in the part of a render where the poller's cadence is the plain interval (betwee
 of the provider's estimate: ``next_delay``). After one interval of warm-up, the poller's own
 lateness (applied time minus due time, per poll; the poller tells it through ``on_applied``) is
 read over a window; the step is on schedule when its p99 is at most 1 s and the poller applied at
-least 95% of the polls a second a 2 s cadence asks for (N/2, less the few jobs that finish in the window; a poller that let its
-cadence stretch would pass on lateness alone). Steps grow until one misses; the capacity is the
-largest N that was on schedule.
+least 95% of the polls a second a 2 s cadence asks for (N/2, less the few jobs that finish in the
+window; a poller that let its cadence stretch would pass on lateness alone). Steps grow until one
+misses; the capacity is the largest N that was on schedule.
 
 A few jobs per step finish during the window (renders of a few tens of seconds, submitted just
 before the step): detect lag = when the poller committed the video step as succeeded
