@@ -159,13 +159,12 @@ def test_nothing_imports_the_folders_by_their_bare_names() -> None:
         *(p for d in (*PACKAGE_DIRS, "lab", "tests") for p in (ROOT / d).rglob("*.py")),
     ]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom) and node.level == 0
-                else []
-            )
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
             offenders += [
                 f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in PACKAGE_DIRS
             ]
