@@ -201,6 +201,21 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
     ),
     Setting(
+        "GENLINE_STEP_RETRY_BACKOFF_S",
+        "step_retry_backoff_s",
+        "2",
+        "Wait before a failed step runs again; doubles with each run, with jitter (a copy waits at "
+        "most half the time its link has left).",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_STEP_RETRY_BACKOFF_CAP_S",
+        "step_retry_backoff_cap_s",
+        "60",
+        "Longest wait before a failed step runs again.",
+        _positive_float,
+    ),
+    Setting(
         "GENLINE_PROVIDER_RATE_PER_S",
         "provider_rate_per_s",
         "50",
@@ -253,14 +268,17 @@ SETTINGS: tuple[Setting, ...] = (
         "GENLINE_LEASE_S",
         "lease_s",
         "30",
-        "How long a poller's claim on a job lasts before another poller may take it.",
+        "How long a claim lasts unless renewed: a worker's on a running step (renewed every third of "
+        "it while the step runs, so a killed worker's step runs again within about this long) and a "
+        "poller's on a job it reads.",
         _positive_float,
     ),
     Setting(
         "GENLINE_SWEEP_AFTER_S",
         "sweep_after_s",
         "60",
-        "A step queued or running this long without progress is re-nudged by the sweeper.",
+        "A queued step not started this long after its nudge is nudged again by the sweeper (the "
+        "nudge was lost); a step refused before it reached the provider (a pause) waits this long.",
         _positive_float,
     ),
     Setting(
@@ -304,6 +322,8 @@ class Settings:
     provider_backoff_s: float
     provider_backoff_cap_s: float
     step_max_attempts: int
+    step_retry_backoff_s: float
+    step_retry_backoff_cap_s: float
     provider_rate_per_s: float
     breaker_threshold: int
     breaker_cooldown_s: float

@@ -16,14 +16,15 @@ pipeline that ended (cancelled, failed) meanwhile.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import Table, bindparam, exists, func, select, update
+from sqlalchemy import Table, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -171,9 +172,13 @@ _PIPELINE_ROWS = (
     .where(STEPS.c.pipeline_id == _of_step)
     .order_by(STEPS.c.position)
 )
+# A step queued for a retry is not due before its ``not_before``: no worker runs it sooner.
+_due = or_(STEPS.c.not_before.is_(None), STEPS.c.not_before <= bindparam("b_now"))
+# The most urgent copy that is due: one whose retry waits out its backoff never takes the turn of
+# one that can run now.
 _URGENT_COPY = (
     select(STEPS.c.id)
-    .where(STEPS.c.kind == StepKind.STORE.value, STEPS.c.status == StepStatus.QUEUED.value)
+    .where(STEPS.c.kind == StepKind.STORE.value, STEPS.c.status == StepStatus.QUEUED.value, _due)
     .order_by(STEPS.c.deadline_at.is_(None), STEPS.c.deadline_at)
     .limit(1)
 )
@@ -195,12 +200,16 @@ _CLAIM = (
         STEPS.c.status == StepStatus.QUEUED.value,
         STEPS.c.attempts == bindparam("b_attempts"),
         STEPS.c.updated_at == bindparam("b_seen"),  # unchanged since the read, whatever happened between
+        _due,
     )
     .values(
         status=StepStatus.RUNNING.value,
         attempts=bindparam("b_next_attempts"),
         started_at=bindparam("b_started"),
         updated_at=bindparam("b_now"),
+        lease_owner=bindparam("b_owner"),
+        lease_until=bindparam("b_lease"),
+        not_before=None,
     )
 )
 _STEP_SUCCEEDED = (
@@ -253,7 +262,8 @@ def _most_urgent_copy(s: Session, rt: Runtime, nudged: str) -> str:
     """Copies run earliest-deadline first: a nudge for any copy step runs the most urgent one
     that is waiting (every copy step has its own nudge, so none is left behind). On PostgreSQL
     the row is locked and copies other workers hold are skipped."""
-    found: str | None = s.connection().execute(_URGENT_COPY_LOCKED if rt.db.is_postgres else _URGENT_COPY).scalar()
+    query = _URGENT_COPY_LOCKED if rt.db.is_postgres else _URGENT_COPY
+    found: str | None = s.connection().execute(query, {"b_now": utcnow()}).scalar()
     return found or nudged
 
 
@@ -296,6 +306,8 @@ def _begin(rt: Runtime, step_id: str) -> Claim | None:
                 "b_started": me.started_at or now,
                 "b_seen": me.updated_at,
                 "b_now": now,
+                "b_owner": rt.leases.owner,
+                "b_lease": now + timedelta(seconds=rt.settings.lease_s),
             },
         )
         if won.rowcount != 1:
@@ -411,8 +423,9 @@ def run_step(rt: Runtime, step_id: str) -> None:
     ctx = claim.ctx
     try:
         # Successful provider calls' audit rows are held and committed with the transaction that
-        # uses their answer; if the step raises first, the hold writes them on their own.
-        with holding(rt.gateway.audit) as hold:
+        # uses their answer; if the step raises first, the hold writes them on their own. The
+        # step's lease is renewed for as long as it runs.
+        with rt.leases.held(ctx.step_id), holding(rt.gateway.audit) as hold:
             outcome = STEP_FUNCTIONS[ctx.kind](rt, ctx)
             effects = _complete(rt, claim, outcome, hold) if isinstance(outcome, Done) else None
     except GenlineError as err:
@@ -449,6 +462,19 @@ def may_retry(rt: Runtime, kind: str, attempts: int, deadline: datetime | None) 
     return attempts < rt.settings.step_max_attempts
 
 
+def retry_at(rt: Runtime, attempts: int, now: datetime, deadline: datetime | None) -> datetime:
+    """When a step that failed its ``attempts``-th run is due again: an exponential backoff with
+    jitter (``GENLINE_STEP_RETRY_BACKOFF_S`` doubling up to ``GENLINE_STEP_RETRY_BACKOFF_CAP_S``),
+    its own and independent of other traffic; a copy waits at most half the time its link has
+    left, so its last tries still come before the link expires."""
+    s = rt.settings
+    delay = min(s.step_retry_backoff_cap_s, s.step_retry_backoff_s * 2 ** max(0, attempts - 1))
+    delay = random.uniform(delay / 2, delay)
+    if deadline is not None:
+        delay = min(delay, max(0.0, (deadline - now).total_seconds() / 2))
+    return now + timedelta(seconds=delay)
+
+
 def _after_error(rt: Runtime, ctx: StepContext, code: str, message: str, *, retryable: bool, refund: bool) -> None:
     bound = log.bind(step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
     if retryable and (refund or may_retry(rt, ctx.kind, ctx.attempt, ctx.deadline_at)):
@@ -466,16 +492,23 @@ def _fail(rt: Runtime, step_id: str, code: str, message: str) -> None:
 
 
 def _requeue(rt: Runtime, step_id: str, code: str, message: str, *, refund: bool = False) -> None:
-    """Back to QUEUED; the sweeper sends it again once ``sweep_after_s`` has passed, so a retry
-    never waits in a worker slot or in a broker countdown. A try that genline refused before
-    anything reached the provider (an open breaker, a pause) does not count as an attempt."""
+    """Back to QUEUED, due again after its backoff (``retry_at``); the sweeper sends it then, so a
+    retry never waits in a worker slot or in a broker countdown. A try that genline refused before
+    anything reached the provider (an open breaker, a pause) does not count as an attempt, and
+    waits ``GENLINE_SWEEP_AFTER_S``: what refused it does not clear in seconds."""
     with rt.db.transaction() as s:
         step = s.get_one(Step, step_id)
         if step.status == StepStatus.RUNNING:
+            now = utcnow()
             step.status = StepStatus.QUEUED
             step.error_code, step.error_message = code, message
+            step.lease_owner = step.lease_until = None
+            step.updated_at = now
             if refund:
                 step.attempts = max(0, step.attempts - 1)
+                step.not_before = now + timedelta(seconds=rt.settings.sweep_after_s)
+            else:
+                step.not_before = retry_at(rt, step.attempts, now, step.deadline_at)
 
 
 def notify_callback(rt: Runtime, pipeline_id: str) -> None:

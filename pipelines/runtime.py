@@ -14,6 +14,7 @@ from genline.config.logging import register_secret
 from genline.config.settings import Settings
 from genline.pipelines.audit import DatabaseAuditSink
 from genline.pipelines.dispatch import Dispatcher, MemoryDispatcher
+from genline.pipelines.leases import StepLeases
 from genline.provider.client import ProviderClient
 from genline.provider.gateway import Gateway, RetryPolicy, Stage
 from genline.provider.shared_state import SharedState, shared_state_for
@@ -69,6 +70,11 @@ class Runtime:
         ]
 
     @cached_property
+    def leases(self) -> StepLeases:
+        """The leases of the steps this process runs, renewed while they run (pipelines/leases.py)."""
+        return StepLeases(self.db, self.settings.lease_s)
+
+    @cached_property
     def gateway(self) -> Gateway:
         return Gateway(
             self.catalog,
@@ -101,5 +107,7 @@ class Runtime:
             self.gateway.close()
         if "shared" in self.__dict__:
             self.shared.close()
+        if "leases" in self.__dict__:
+            self.leases.close()
         self.dispatcher.close()
         self.db.dispose()

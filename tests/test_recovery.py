@@ -5,23 +5,34 @@ backoff of their own, so one bad link never blocks the others."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
+import signal
+import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
 from genline.config.clock import utcnow
 from genline.config.constants import StepStatus
+from genline.config.settings import load_settings
 from genline.pipelines.api import Genline
 from genline.pipelines.engine import run_step
 from genline.pipelines.runtime import Runtime
 from genline.provider.gateway import CallContext
-from genline.provider.simulator import SimulatorHandle
+from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
 from genline.provider.wire import SubmitResult
-from genline.storage.models import Step, StoredObject
+from genline.storage.migrate import upgrade
+from genline.storage.models import ProviderJob, Step, StoredObject
+from genline.tasks.app import CeleryDispatcher, make_celery
 from genline.workers.drain import drain
+from genline.workers.processes import ProcessGroup
 from tests.support.drive import run_until, sim_stats
 
 RequestFn = Callable[..., dict[str, Any]]
@@ -103,3 +114,79 @@ def test_the_video_is_stored_when_the_image_step_used_our_copy(rt: Runtime, requ
     status = api.status(pid)
     assert status["status"] == "succeeded"
     assert status["image"]["key"] == f"{pid}/image.png" and status["video"]["key"] == f"{pid}/video.mp4"
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout_s: float, group: ProcessGroup) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        group.check()
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link_expires(tmp_path: Path) -> None:
+    """Real worker and poller processes on the zero-setup default with the shipped settings; only
+    the provider's links are short (90 s) and its downloads slow (a 1 MiB video at 128 KiB/s), so
+    the worker is certainly inside the copy when it is SIGKILLed with all of its pool."""
+    key = "test-key-" + uuid.uuid4().hex
+    config = SimConfig(
+        api_key=key, image_seconds=0.5, video_seconds=1, url_ttl_s=90, video_bytes=1 << 20, download_bytes_per_s=131072
+    )
+    with start_simulator(config) as sim:
+        env = {"GENLINE_VAR_DIR": str(tmp_path / "var"), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": key}
+        settings = load_settings(env)
+        upgrade(settings.database_url)
+        group = ProcessGroup(log_dir=tmp_path / "logs", env=env)
+        rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
+        try:
+            group.start_worker("doomed", concurrency=1)
+            group.start_poller()
+            api = Genline(runtime=rt)
+            pid = api.submit(
+                {
+                    "user_id": "seller-1",
+                    "feature": "listing-video",
+                    "description": "Hand-thrown stoneware mug, speckled glaze, 350 ml.",
+                    "image": "https://cdn.example.com/mug.jpg",
+                    "idempotency_key": "kill-mid-copy",
+                }
+            ).pipeline_id
+
+            def copying() -> Step | None:
+                with rt.db.transaction() as s:
+                    step = s.scalars(select(Step).where(Step.pipeline_id == pid, Step.kind == "store")).one()
+                return step if step.status == StepStatus.RUNNING else None
+
+            running = _wait_for("the store step to start", copying, 120, group)
+            time.sleep(2)  # two seconds into an eight-second download
+            doomed = group.children[0]
+            os.killpg(doomed.proc.pid, signal.SIGKILL)
+            doomed.proc.wait(10)
+            killed_at = time.monotonic()
+            group.children.remove(doomed)
+            group.start_worker("replacement", concurrency=1)
+
+            def ended() -> dict[str, Any] | None:
+                status = api.status(pid)
+                return status if status["status"] in ("succeeded", "failed", "cancelled") else None
+
+            status = _wait_for("the pipeline to end", ended, 150, group)
+            recovered_in = time.monotonic() - killed_at
+        finally:
+            group.stop()
+            rt.close()
+        assert status["status"] == "succeeded", status.get("error")
+        with rt.db.transaction() as s:
+            store = s.get_one(Step, running.id)
+        assert store.attempts == 2  # the killed run and the one after it, nothing more
+        with rt.db.transaction() as s:
+            video_job = s.scalars(
+                select(ProviderJob).join(Step).where(Step.pipeline_id == pid, ProviderJob.kind == "video")
+            ).one()
+        task = httpx.get(f"{sim.base_url}/_sim/tasks/{video_job.task_id}").json()
+        data = Path(status["video"]["location"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == task["items"][0]["sha256"]
+        assert recovered_in < 90  # before the link's life was out, counting from the kill

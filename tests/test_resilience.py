@@ -155,7 +155,7 @@ def test_a_402_pauses_paid_work_for_every_pipeline_and_says_why(
             Step,
             held["steps"] and s.scalars(select(Step.id).where(Step.pipeline_id == second, Step.position == 0)).one(),
         )
-        step.updated_at = utcnow() - timedelta(hours=1)
+        step.updated_at = step.not_before = utcnow() - timedelta(hours=1)  # its wait is over
     sweep(rt)
     drain(rt)
     assert api.status(second)["status"] == "succeeded"
@@ -287,7 +287,8 @@ def test_copy_degrades_to_plain_text_when_every_chat_model_is_down(
     run_step(rt, step_id)  # first try: every model down -> queued again
     assert api.status(pid)["steps"][0]["status"] == "queued"
     with rt.db.transaction() as s:
-        s.get_one(Step, step_id).updated_at = utcnow() - timedelta(hours=1)
+        step = s.get_one(Step, step_id)
+        step.updated_at = step.not_before = utcnow() - timedelta(hours=1)  # its backoff is over
     sweep(rt)
     drain(rt)
     status = api.status(pid)

@@ -39,7 +39,7 @@ from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 from genline.workers.drain import drain, jobs_in_flight
 from genline.workers.poller import Poller
-from tests.support.drive import kind_of, next_nudge, nudges, output_of, run_until, sim_stats, step_row
+from tests.support.drive import backoff_over, kind_of, next_nudge, nudges, output_of, run_until, sim_stats, step_row
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -156,6 +156,7 @@ def test_a_task_id_that_cannot_be_committed_is_audited_and_never_paid_twice(
         job = s.scalars(select(ProviderJob).where(ProviderJob.step_id == image_step)).one()
         assert (job.status, job.task_id) == ("intent", None)  # kept: the next try reuses its key
         key = job.idempotency_key
+    backoff_over(rt, image_step)
     run_step(rt, image_step)  # the retry (the sweeper's nudge)
     drain(rt)
     assert api.status(pid)["status"] == "succeeded"
@@ -195,6 +196,7 @@ def test_a_copy_step_whose_completion_rolls_back_still_audits_its_chat_call(
     assert step.status == StepStatus.QUEUED and step.output is None
     assert not nudges(rt).sent  # nothing nudged for a rolled-back completion
     assert len(calls(rt, pid, "chat")) == 1
+    backoff_over(rt, copy_step)
     run_step(rt, copy_step)
     drain(rt)
     status = api.status(pid)
@@ -246,6 +248,7 @@ def test_stored_objects_are_recorded_with_the_completion_or_not_at_all(rt: Runti
         kept = s.scalars(select(StoredObject).where(StoredObject.pipeline_id == pid)).all()
     assert [(o.kind, o.step_id) for o in kept] == [("image", step_row(rt, pid, "video").id)]
     assert step_row(rt, pid, "store").status == StepStatus.QUEUED
+    backoff_over(rt, store_step)
     run_step(rt, store_step)  # copies again, to the same keys
     status = api.status(pid)
     assert status["status"] == "succeeded"
@@ -296,6 +299,7 @@ def test_a_claim_made_on_a_stale_read_loses_to_the_one_that_got_there_first(
     # is queued with the attempts the stale read saw, and still the stale claim must lose.
     engine._requeue(rt, copy_step, "provider_paused", "paused", refund=True)
     assert (step_row(rt, pid, "copy").status, step_row(rt, pid, "copy").attempts) == (StepStatus.QUEUED, 0)
+    backoff_over(rt, copy_step)
     assert engine._begin(rt, copy_step) is None
     monkeypatch.setattr(engine, "pipeline_rows", fresh)
     again = engine._begin(rt, copy_step)

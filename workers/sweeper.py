@@ -1,10 +1,14 @@
-"""The sweeper: finds steps whose nudge was lost or whose worker died, and sends them again.
+"""The sweeper: finds steps whose nudge was lost, whose retry fell due, or whose worker died, and
+sends them again.
 
-A QUEUED step untouched for ``sweep_after_s`` is re-sent; a RUNNING step untouched for five times
-that is taken to have lost its worker and is queued again. Either way the step's own idempotency
-makes the repeat harmless, and the recovery is logged. A step that keeps coming back fails with a
-plain reason; a copy keeps being retried until its link expires, and raises a ``copy_at_risk``
-alert when that comes close.
+- A QUEUED step whose retry time (``not_before``, the engine's backoff) has come is sent once it
+  is due; one untouched for ``GENLINE_SWEEP_AFTER_S`` is sent again (its nudge was lost).
+- A RUNNING step whose lease lapsed (``GENLINE_LEASE_S``; its worker renews it while it works) lost
+  its worker: it is queued again and sent at once.
+Either way the step's own idempotency makes the repeat harmless, and the recovery is logged. A step
+that keeps coming back fails with a plain reason; a copy keeps being retried until its link
+expires, and raises a ``copy_at_risk`` alert when that comes close. The poller runs it every
+couple of seconds.
 """
 
 from __future__ import annotations
@@ -28,19 +32,23 @@ log = get_logger("genline.sweeper")
 def sweep(rt: Runtime, *, limit: int = 500) -> int:
     """Re-nudge stuck steps and flag copies at risk; returns how many steps were re-sent or failed."""
     now = utcnow()
-    queued_cutoff = now - timedelta(seconds=rt.settings.sweep_after_s)
-    running_cutoff = now - timedelta(seconds=rt.settings.sweep_after_s * 5)
+    lost_cutoff = now - timedelta(seconds=rt.settings.sweep_after_s)
     effects = Effects()
     touched = 0
     with rt.db.transaction() as s:
+        due = or_(Step.not_before.is_(None), Step.not_before <= now)
         stuck = s.scalars(
             select(Step)
             .join(Pipeline)
             .where(
                 Pipeline.status.not_in([str(p) for p in PIPELINE_TERMINAL]),
                 or_(
-                    and_(Step.status == StepStatus.QUEUED, Step.updated_at < queued_cutoff),
-                    and_(Step.status == StepStatus.RUNNING, Step.updated_at < running_cutoff),
+                    and_(
+                        Step.status == StepStatus.QUEUED,
+                        due,
+                        or_(Step.updated_at < lost_cutoff, Step.updated_at < Step.not_before),
+                    ),
+                    and_(Step.status == StepStatus.RUNNING, Step.lease_until < now),
                 ),
             )
             .order_by(Step.updated_at)
@@ -59,8 +67,16 @@ def sweep(rt: Runtime, *, limit: int = 500) -> int:
                     reason += f" (last error: {step.error_message})"
                 effects.merge(fail_step(s, step, code, reason))
                 continue
-            log.info("step_renudged", step_id=step.id, was=step.status, attempts=step.attempts)
+            why = (
+                "lease_lapsed"
+                if step.status == StepStatus.RUNNING
+                else "retry_due"
+                if step.not_before
+                else "nudge_lost"
+            )
+            log.info("step_renudged", step_id=step.id, was=step.status, why=why, attempts=step.attempts)
             step.status = StepStatus.QUEUED
+            step.lease_owner = step.lease_until = None
             step.updated_at = now
             effects.nudges.append((step.id, queue_for(step.kind, step.pipeline.priority)))
         at_risk = s.execute(

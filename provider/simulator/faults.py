@@ -69,6 +69,7 @@ class SimConfig:
     video_seconds: float = 8.0
     latency_s: float = 0.0
     url_ttl_s: float = 86400.0
+    download_bytes_per_s: float = 0.0  # how fast a video result streams; 0: as fast as it can
     video_bytes: int = 262144
     image_px: int = 64
     rate_429: float = 0.0
@@ -113,6 +114,7 @@ class SimConfig:
             "stall_seconds",
             "short_url_ttl_s",
             "retry_after_s",
+            "download_bytes_per_s",
         ):
             if getattr(self, name) < 0 or math.isnan(getattr(self, name)):
                 raise ValueError(f"{name} must not be negative")

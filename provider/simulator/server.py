@@ -418,10 +418,18 @@ async def result_file(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
     response.content_length = job.file_size
     await response.prepare(request)
-    if request.method != "HEAD":
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response
+    rate = state.config.download_bytes_per_s
+    try:
         for chunk in job.chunks(index):  # 256 KiB at a time, never the whole file
             await response.write(chunk)
-    await response.write_eof()
+            if rate > 0:  # a provider's storage is not a local disk: a large result takes a while
+                await asyncio.sleep(len(chunk) / rate)
+        await response.write_eof()
+    except ConnectionResetError:  # the client hung up (or was killed) mid-download: nothing to answer
+        pass
     return response
 
 

@@ -74,3 +74,11 @@ def run_until(rt: Runtime, kind: str) -> str:
     finally:
         loop.run_until_complete(poller.aclose())
         loop.close()
+
+
+def backoff_over(rt: Runtime, step_id: str) -> None:
+    """Time passes until a step queued for a retry is due again (its ``not_before`` is reached)."""
+    with rt.db.transaction() as s:
+        step = s.get_one(Step, step_id)
+        assert step.status == "queued", f"step {step_id} is {step.status}, not queued for a retry"
+        step.not_before = None
