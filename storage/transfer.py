@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -12,6 +13,7 @@ from genline.config.errors import ResultExpired, RetryableStorageError, StorageE
 from genline.storage.objects import ObjectStore, StoredObjectInfo
 
 CHUNK = 1 << 20
+_MAY_PASS = (408, 425, 429)  # a 4xx that says "later", not "never"
 
 
 def copy_url_to_store(
@@ -26,7 +28,18 @@ def copy_url_to_store(
     """Stream ``url`` into ``store`` at ``key`` in constant memory and verify it landed whole.
 
     ``expect_type`` is the content-type family (``video`` or ``image``) the result must be.
+
+    What can never work fails at once (``StorageError``, not retried): a link that is not http(s),
+    an answer the link will always give (a 4xx other than those of an expired link, 408 and 429),
+    a result of the wrong type. What may pass (5xx, timeouts, resets, an early 403) is a
+    ``RetryableStorageError``; a link past its expiry is a ``ResultExpired``.
     """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise StorageError(
+            f"The provider's result link is not an http(s) URL (scheme {scheme or 'missing'!r}); it cannot be copied.",
+            code="result_link_unusable",
+        )
     if expires_at is not None and utcnow() >= expires_at:
         raise ResultExpired(
             f"The provider's result link expired at {expires_at:%Y-%m-%d %H:%M:%S} UTC before it could be copied."
@@ -39,6 +52,11 @@ def copy_url_to_store(
                         f"The provider's result link no longer works (HTTP {response.status_code}); it has expired."
                     )
                 raise RetryableStorageError(f"The result link answered HTTP {response.status_code} before it expired.")
+            if 400 <= response.status_code < 500 and response.status_code not in _MAY_PASS:
+                raise StorageError(
+                    f"The provider's result link answers HTTP {response.status_code}; it cannot be copied.",
+                    code="result_link_refused",
+                )
             if response.status_code >= 400:
                 raise RetryableStorageError(f"Downloading the result failed with HTTP {response.status_code}.")
             content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0].strip()

@@ -33,7 +33,7 @@ from genline.storage.models import ProviderJob, Step, StoredObject
 from genline.tasks.app import CeleryDispatcher, make_celery
 from genline.workers.drain import drain
 from genline.workers.processes import ProcessGroup
-from tests.support.drive import run_until, sim_stats
+from tests.support.drive import nudges, run_until, sim_stats
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -190,3 +190,85 @@ def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link
         data = Path(status["video"]["location"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == task["items"][0]["sha256"]
         assert recovered_in < 90  # before the link's life was out, counting from the kill
+
+
+def _fifty_one_copies_waiting(rt: Runtime, request_fields: RequestFn) -> list[str]:
+    """51 pipelines brought up to their store step, whose nudges are taken, not run."""
+    api = Genline(runtime=rt)
+    pids = [api.submit(request_fields()).pipeline_id for _ in range(51)]
+    store_steps = [run_until(rt, "store") for _ in pids]
+    assert len(set(store_steps)) == 51
+    return store_steps
+
+
+def _poison(rt: Runtime, store_step: str, url: str) -> None:
+    """The store step's video link becomes ``url``, and it is the most urgent copy of all."""
+    with rt.db.transaction() as s:
+        step = s.get_one(Step, store_step)
+        video = s.scalars(select(Step).where(Step.pipeline_id == step.pipeline_id, Step.kind == "video")).one()
+        assert video.output is not None
+        asset = {**video.output["assets"][0], "url": url}
+        video.output = {**video.output, "assets": [asset]}
+        step.deadline_at = utcnow() + timedelta(minutes=10)  # the others' links live 24 h
+
+
+def _stored_videos(rt: Runtime, store_steps: list[str]) -> dict[str, str]:
+    with rt.db.transaction() as s:
+        return {st.id: st.status for st in s.scalars(select(Step).where(Step.id.in_(store_steps)))}
+
+
+def test_a_link_that_can_never_work_fails_at_once_and_fifty_good_copies_are_all_stored(
+    rt: Runtime, request_fields: RequestFn
+) -> None:
+    store_steps = _fifty_one_copies_waiting(rt, request_fields)
+    poisoned = store_steps[0]
+    _poison(rt, poisoned, "file:///etc/passwd")
+    for step_id in store_steps:  # the poisoned copy's nudge first: it is the most urgent, too
+        nudges(rt).send(step_id, "genline.store")
+    drain(rt)
+    statuses = _stored_videos(rt, store_steps)
+    assert statuses.pop(poisoned) == StepStatus.FAILED
+    assert set(statuses.values()) == {StepStatus.SUCCEEDED} and len(statuses) == 50
+    with rt.db.transaction() as s:
+        step = s.get_one(Step, poisoned)
+        assert step.attempts == 1 and step.error_code == "result_link_unusable"
+        assert "/etc/passwd" not in (step.error_message or "")  # the reason, not the link
+    status = Genline(runtime=rt).status(step.pipeline_id)
+    assert status["status"] == "failed" and status["error"]["code"] == "result_link_unusable"
+
+
+def test_a_copy_that_keeps_failing_waits_its_own_backoff_and_never_takes_the_turn_of_the_others(
+    rt: Runtime, request_fields: RequestFn
+) -> None:
+    store_steps = _fifty_one_copies_waiting(rt, request_fields)
+    poisoned = store_steps[0]
+    _poison(rt, poisoned, "http://127.0.0.1:9/video.mp4")  # nothing listens: refused, every time
+    for step_id in store_steps:
+        nudges(rt).send(step_id, "genline.store")
+    drain(rt)
+    statuses = _stored_videos(rt, store_steps)
+    assert statuses.pop(poisoned) == StepStatus.QUEUED  # waiting out its backoff, link still valid
+    assert set(statuses.values()) == {StepStatus.SUCCEEDED} and len(statuses) == 50
+    with rt.db.transaction() as s:
+        step = s.get_one(Step, poisoned)
+        assert step.attempts == 1 and step.error_code == "storage_retryable"
+        assert step.not_before is not None and step.deadline_at is not None
+        wait_s = (step.not_before - utcnow()).total_seconds()
+        settings = rt.settings
+        assert 0 < wait_s <= settings.step_retry_backoff_s  # its first backoff, with jitter
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap_and_a_copy_waits_at_most_half_its_links_life(
+    rt: Runtime,
+) -> None:
+    from genline.pipelines.engine import retry_at
+
+    now = utcnow()
+    base, cap = rt.settings.step_retry_backoff_s, rt.settings.step_retry_backoff_cap_s
+    for attempts in range(1, 12):
+        ceiling = min(cap, base * 2 ** (attempts - 1))
+        waits = [(retry_at(rt, attempts, now, None) - now).total_seconds() for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert len(set(waits)) > 1  # jittered: copies that failed together do not return together
+    near = now + timedelta(seconds=20)
+    assert all((retry_at(rt, 10, now, near) - now).total_seconds() <= 10 for _ in range(50))
