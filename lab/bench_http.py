@@ -130,6 +130,14 @@ async def httpx_rate(
         return await _drive(get, task_ids, seconds, concurrency)
 
 
+class _RawReader(HttpTaskReader):
+    """The poller's reader with its answers left uninterpreted: the yardstick's raw client."""
+
+    async def read(self, task_id: str) -> tuple[int, bytes]:
+        status, _headers, raw = await self._get(self._path(task_id))
+        return status, raw
+
+
 async def reader_rate(
     base_url: str, key: str | None, task_ids: list[str], seconds: float, concurrency: int = CONCURRENCY
 ) -> tuple[float, int]:
@@ -137,7 +145,7 @@ async def reader_rate(
     from genline.config.settings import load_settings
 
     settings = load_settings({"APIMART_BASE_URL": base_url, "APIMART_API_KEY": key or ""})
-    reader = HttpTaskReader(settings, max_connections=concurrency)
+    reader = _RawReader(settings, max_connections=concurrency)
     try:
 
         async def get(task_id: str) -> int:

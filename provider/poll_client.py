@@ -104,11 +104,6 @@ class HttpTaskReader:
             ) from exc
         return read_task(status, headers, raw, path=path, task_id=task_id)
 
-    async def read(self, task_id: str) -> tuple[int, bytes]:
-        """One status read's HTTP status and body, not interpreted (the benchmark's yardstick)."""
-        status, _headers, raw = await self._get(self._path(task_id))
-        return status, raw
-
     async def _get(self, path: str) -> tuple[int, Mapping[str, str], bytes]:
         if self._pool is None:
             self._pool = ConnectionPool(
