@@ -19,15 +19,26 @@ from genline.cli.output import EXIT_FAILED, describe_status, emit_json, fail
 from genline.cli.progress import wait_for
 from genline.config.errors import GenlineError, ValidationError
 from genline.config.logging import configure_logging
-from genline.config.settings import load_settings
+from genline.config.settings import Settings, load_settings
 
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
+
+
+def _settings_with_state() -> Settings:
+    """The settings of a command that works on existing state (submit, status, cancel, batch).
+    Without genline's database where the settings point (genline run from another folder than the
+    one ``make demo`` ran in, say), one plain error says where it looked; nothing is created."""
+    from genline.storage.migrate import require_current
+
+    settings = load_settings()
+    require_current(settings.database_url, var_dir=settings.var_dir)
+    return settings
 
 
 def _api() -> Any:
     from genline.pipelines.api import Genline
 
-    return Genline(load_settings())
+    return Genline(_settings_with_state())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -185,6 +196,7 @@ def batch(path: Path, strict: bool, wait: bool, as_json: bool) -> None:
     from genline.cli.batch import run_batch
 
     try:
+        _settings_with_state()
         sys.exit(run_batch(path, strict=strict, wait=wait, as_json=as_json))
     except GenlineError as err:
         fail(err, as_json=as_json)

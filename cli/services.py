@@ -29,14 +29,16 @@ def _settings() -> Any:
 
 
 def _ready(settings: Any) -> None:
-    """Start-up checks of a long-running part: the database answers and has genline's schema.
-    A failure is a plain error with its code (exit 2), not a traceback."""
+    """Start-up checks of a long-running part: the database exists, answers and has genline's
+    schema. A failure is a plain error with its code (exit 2), not a traceback, and a SQLite file
+    that is not there is not created (nor its folder) only to be found empty."""
     from genline.storage.db import Database
-    from genline.storage.migrate import require_current
+    from genline.storage.migrate import require_current, require_database
 
     try:
+        require_database(settings.database_url, var_dir=settings.var_dir)
         Database(settings.database_url).check()
-        require_current(settings.database_url)
+        require_current(settings.database_url, var_dir=settings.var_dir)
     except GenlineError as err:
         fail(err, as_json=False)
 
@@ -89,8 +91,8 @@ def poller(once: bool) -> None:
     from genline.workers.broker import prune_delivered
     from genline.workers.poller import Poller
 
-    rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
     _ready(settings)
+    rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
     the_poller = Poller(rt)
 
     async def main() -> None:

@@ -455,6 +455,16 @@ def _check_redis_url_options(broker: str) -> None:
         )
 
 
+def source_checkout() -> Path | None:
+    """The repository this genline runs from when it is installed from a checkout (``make
+    install`` does ``pip install -e .``): its ``.venv/bin/genline`` is the installed command and
+    ``make demo`` keeps its state in its ``var/genline``. None for an ordinary install."""
+    root = Path(__file__).resolve().parent.parent  # config/ is a folder of the checkout's root
+    if (root / "pyproject.toml").is_file() and (root / "Makefile").is_file():
+        return root
+    return None
+
+
 def settings_table_markdown() -> str:
     rows = ["| variable | default | what it does |", "| --- | --- | --- |"]
     for s in SETTINGS:

@@ -1,8 +1,9 @@
 """The disruptions of a chaos run: its own Redis, and the hand that kills and restarts things.
 
-- ``OwnRedis``: a ``redis-server`` of the run's own on a free loopback port, started with
-  ``--save '' --appendonly no``, so restarting it loses every key (messages, unacked messages,
-  shared rate limits and breakers). The machine's shared Redis on 6379 is never touched.
+- ``OwnRedis`` (tests/support/redis_server.py, the one the tests use too): a ``redis-server`` of
+  the run's own on a free loopback port, started with ``--save '' --appendonly no``, so restarting
+  it loses every key (messages, unacked messages, shared rate limits and breakers). The machine's
+  shared Redis on 6379 is never touched.
 - ``fresh_database``: a PostgreSQL database of the run's own, dropped ``WITH (FORCE)`` afterwards.
 - ``Disruptor``: starts the worker processes and the poller, SIGKILLs a worker every few seconds
   (and starts it again), kills the poller, restarts Redis and drops every PostgreSQL connection of
@@ -17,75 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis as redis_lib
 
 from genline.workers.processes import Child, ProcessGroup
-from tests.support.s3_server import free_port
+from tests.support.redis_server import OwnRedis
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 Say = Callable[[str], None]
-
-
-class OwnRedis:
-    """A Redis of the run's own, so restarting it disturbs nothing else on the machine."""
-
-    data_kept = False  # --save '' --appendonly no: a restart starts empty
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_dir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis_lib.Redis:
-        return redis_lib.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.log_path}")
-            with contextlib.suppress(redis_lib.RedisError), self.client() as conn:
-                if conn.ping():
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
-
-    def stop(self) -> None:
-        """SIGKILL: nothing is saved, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self, down_s: float) -> None:
-        self.stop()
-        time.sleep(down_s)
-        self.start()
-
-    def __enter__(self) -> OwnRedis:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager

@@ -42,8 +42,9 @@ from sqlalchemy.pool import NullPool
 
 from genline.config.logging import configure_logging
 from genline.workers.processes import ProcessGroup
-from lab.chaos_faults import Disruptor, OwnRedis, fresh_database, schedule
+from lab.chaos_faults import Disruptor, fresh_database, schedule
 from lab.chaos_verify import Verdict, invariant_failures, settled_stats
+from tests.support.redis_server import OwnRedis
 from tests.support.s3_server import DUMMY_AWS_ENV, MotoServer
 
 DEFAULT_OUT = Path("var/chaos/latest.json")

@@ -1,11 +1,16 @@
 """Shared fixtures: the simulator on a loopback port, settings for a throwaway var folder, a
 runtime in drain mode, and the real services (PostgreSQL, Redis, S3-compatible) for integration
-tests. On a laptop without those services integration tests skip; with CI=true they fail."""
+tests. On a laptop without those services integration tests skip; with CI=true they fail.
+
+Redis is always the session's own ``redis-server`` on a free port (``own_redis``): the tests never
+connect to the machine's shared Redis on 6379, and an audit hook refuses any attempt to."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,11 +22,11 @@ from genline.config.settings import Settings, load_settings
 from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
 from genline.storage.migrate import upgrade
+from tests.support.redis_server import OwnRedis
 
 TEST_KEY = "test-key-" + uuid.uuid4().hex  # made up per run: never a real key
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_HOST, PG_PORT = "127.0.0.1", 5432
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -132,26 +137,81 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _own_redis_db(number: int) -> Iterator[str]:
-    """A Redis database number of the tests' own, emptied before and after."""
-    require_service("Redis", REDIS_HOST, REDIS_PORT)
-    import redis
+def require_program(name: str, why: str) -> None:
+    """Skip without the program on a laptop; fail in CI, where it must be installed."""
+    if shutil.which(name) is not None:
+        return
+    message = f"{name} is not installed; {why}"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true, so this integration test must run", pytrace=False)
+    pytest.skip(message)
 
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+
+@pytest.fixture(scope="session")
+def own_redis() -> Iterator[OwnRedis]:
+    """A ``redis-server`` of the test session's own on a free loopback port (no persistence, its
+    files in a temporary folder), stopped and removed at the end. Tests use only this one: the
+    machine's shared Redis, if any, is never read, written or flushed."""
+    require_program("redis-server", "the Redis tests start their own on a free port")
+    with OwnRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(own_redis: OwnRedis) -> Iterator[str]:
+    """Database 0 of the session's own Redis, empty at the start and the end of each test
+    (the broker and shared state of a test)."""
+    client = own_redis.client()
+    client.flushall()
+    yield own_redis.url
+    client.flushall()
     client.close()
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """Redis database 13 (the broker and shared state of integration tests)."""
-    yield from _own_redis_db(13)
+# --- the machine's shared Redis is not the tests' ---------------------------------------------
+SHARED_REDIS_PORT = 6379
 
 
-@pytest.fixture
-def redis_db9() -> Iterator[str]:
-    """Redis database 9 (the gateway's shared-state tests)."""
-    yield from _own_redis_db(9)
+class SharedRedisTouched(AssertionError):
+    """A test tried to connect to the machine's shared Redis; it must use ``redis_url``."""
+
+
+_GUARD: dict[str, Any] = {"on": False, "attempts": []}
+
+
+def _refuse_the_shared_redis(event: str, args: tuple[Any, ...]) -> None:
+    """Audit hook: refuse, in this process, any connection to port 6379 (the shared Redis)."""
+    if event != "socket.connect" or not _GUARD["on"]:
+        return
+    address = args[1]
+    if isinstance(address, tuple) and len(address) >= 2 and address[1] == SHARED_REDIS_PORT:
+        _GUARD["attempts"].append(address)
+        raise SharedRedisTouched(
+            f"a test connected to {address[0]}:{SHARED_REDIS_PORT}, the machine's shared Redis; "
+            "use the redis_url fixture (the session's own redis-server) instead"
+        )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # An audit hook cannot be removed, so it is added once per process and switched by the flag.
+    if not _GUARD.get("installed"):
+        sys.addaudithook(_refuse_the_shared_redis)
+        _GUARD["installed"] = True
+    _GUARD["on"] = True
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _GUARD["on"] = False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Even a refused attempt that some library swallowed fails the run."""
+    if _GUARD["attempts"]:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _GUARD["attempts"]:
+        terminalreporter.section("the machine's shared Redis", red=True)
+        for host, port, *_ in _GUARD["attempts"]:
+            terminalreporter.line(f"a test tried to connect to {host}:{port}; the run fails", red=True)

@@ -24,12 +24,11 @@ from genline.config.errors import (
 )
 from genline.config.settings import Settings
 from genline.provider.client import ProviderClient
-from genline.provider.gateway import CallContext, Gateway, MemoryAuditSink, RetryPolicy
+from genline.provider.gateway import CallContext, Gateway, MemoryAuditSink, RetryPolicy, Stage
 from genline.provider.poll_client import HttpTaskReader
 from genline.provider.shared_state import RedisSharedState
 from genline.provider.simulator import SimulatorHandle
 from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
-from tests.conftest import REDIS_HOST, REDIS_PORT, require_service
 
 CTX = CallContext(user_id="u1", feature="f1", pipeline_id="pl_1", step_id="st_1", model="gpt-4o-mini")
 MESSAGES = [{"role": "user", "content": "A mug"}]
@@ -114,7 +113,11 @@ def test_retries_stop_at_the_attempt_budget(
     ("status", "kind"), [(400, ProviderRejected), (401, AuthenticationFailed), (402, InsufficientBalance)]
 )
 def test_permanent_errors_are_never_retried(
-    sim: SimulatorHandle, make_settings: Callable[..., Settings], make_gateway: GatewayFactory, status: int, kind: type
+    sim: SimulatorHandle,
+    make_settings: Callable[..., Settings],
+    make_gateway: GatewayFactory,
+    status: int,
+    kind: type[ProviderRejected | AuthenticationFailed | InsufficientBalance],
 ) -> None:
     gateway, audit, sleeps = make_gateway(make_settings(sim.base_url))
     script(sim, {"method": "POST", "path": "/v1/chat/completions", "status": status, "times": 1})
@@ -192,19 +195,17 @@ def test_a_submit_and_its_poll_share_the_job_and_the_poll_books_the_cost(
     assert float(audit.records[-1].cost_usd) == pytest.approx(0.15)
 
 
+@pytest.mark.integration
 def test_a_paid_call_costs_two_redis_round_trips(
-    sim: SimulatorHandle, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    sim: SimulatorHandle, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
     """Pause, rate limit and breaker read together before the call; after a success, one more
     trip that writes nothing when nothing was counted or tripped."""
-    require_service("Redis", REDIS_HOST, REDIS_PORT)
     import redis
 
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/9"
-    admin = redis.Redis.from_url(url)
-    admin.flushdb()
-    state = RedisSharedState(url)
-    stages = [AccountGuard(state), RateLimiter(state, rate_per_s=1000), CircuitBreaker(state)]
+    admin = redis.Redis.from_url(redis_url)
+    state = RedisSharedState(redis_url)
+    stages: list[Stage] = [AccountGuard(state), RateLimiter(state, rate_per_s=1000), CircuitBreaker(state)]
     client = ProviderClient(make_settings(sim.base_url))
     gateway = Gateway(load_catalog(), MemoryAuditSink(), client=client, stages=stages)
     sent: list[str] = []
@@ -227,5 +228,4 @@ def test_a_paid_call_costs_two_redis_round_trips(
     finally:
         gateway.close()
         state.close()
-        admin.flushdb()
         admin.close()

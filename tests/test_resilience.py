@@ -58,7 +58,7 @@ def strict_rt(sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> R
     )
     upgrade(settings.database_url)
     rt = Runtime.from_settings(settings)
-    rt.shared = LocalSharedState(clock=Clock())  # type: ignore[misc]  # a clock the test moves
+    rt.shared = LocalSharedState(clock=Clock())  # a clock the test moves
     return rt
 
 
@@ -112,7 +112,8 @@ def test_after_the_cooldown_one_probe_closes_the_breaker(
 
 
 def test_the_rate_limit_is_one_bucket_for_every_worker() -> None:
-    clock, waits = Clock(), []
+    clock = Clock()
+    waits: list[float] = []
     state = LocalSharedState(clock=clock)
     workers = [RateLimiter(state, rate_per_s=2, burst=2, sleep=waits.append) for _ in range(2)]
     ctx = CallContext(model="gpt-4o-mini")
@@ -125,7 +126,8 @@ def test_the_rate_limit_is_one_bucket_for_every_worker() -> None:
 
 
 def test_low_remaining_quota_slows_everyone_down_before_a_429() -> None:
-    state, waits = LocalSharedState(clock=Clock()), []
+    state = LocalSharedState(clock=Clock())
+    waits: list[float] = []
     limiter = RateLimiter(state, rate_per_s=1000, sleep=waits.append)
     limiter.after(CallRecord(ctx=CallContext(), operation="chat", ts=utcnow(), ratelimit_remaining=1), None)
     RateLimiter(state, rate_per_s=1000, sleep=waits.append).before(CallContext(), "submit")
@@ -167,8 +169,8 @@ def test_cancel_stops_the_provider_job_and_no_later_step_starts(
     api = Genline(runtime=rt)
     sim_config(sim, image_seconds=600)
     pid = api.submit(request_fields()).pipeline_id
-    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # copy
-    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # image submitted
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined]  # pop is MemoryDispatcher's: the copy
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined]  # pop is MemoryDispatcher's: image submitted
     result = api.cancel(pid)
     assert result == {
         "pipeline_id": pid,
@@ -191,8 +193,8 @@ def test_a_job_the_provider_would_not_cancel_is_polled_to_its_end_and_its_cost_r
     rt = either_rt
     api = Genline(runtime=rt)
     pid = api.submit(request_fields()).pipeline_id
-    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # copy
-    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined, arg-type]  # image submitted, done at once
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined]  # pop is MemoryDispatcher's: the copy
+    run_step(rt, rt.dispatcher.pop())  # type: ignore[attr-defined]  # pop is MemoryDispatcher's: image, done at once
     result = api.cancel(pid)  # the provider refuses: the job has already ended there
     assert (result["provider_jobs_cancelled"], result["provider_jobs_left_running"]) == (0, 1)
     with rt.db.transaction() as s:
@@ -354,12 +356,12 @@ def _admission(**changes: Any) -> Admission:
     return Admission(**values)
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.integration)])
 def any_state(request: pytest.FixtureRequest) -> Iterator[SharedState]:
     if request.param == "local":
         yield LocalSharedState()
         return
-    state = RedisSharedState(request.getfixturevalue("redis_db9"))
+    state = RedisSharedState(request.getfixturevalue("redis_url"))  # the session's own redis-server
     yield state
     state.close()
 
@@ -425,7 +427,8 @@ def _record(model: str = "m") -> CallRecord:
 
 
 def test_the_stages_through_the_gateway_keep_their_rules(any_state: SharedState) -> None:
-    state, waits = any_state, []
+    state = any_state
+    waits: list[float] = []
     stages = _stages(state, sleep=waits.append)
     gateway, ctx = Gateway(load_catalog(), MemoryAuditSink(), stages=stages), CallContext(model="m")
     state.set(PAUSE_KEY, "provider_authentication_failed", 60)

@@ -16,13 +16,19 @@ from typing import Any
 import pytest
 import redis
 from celery._state import _task_stack
-from kombu import Connection, Queue
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.message import Message
 
 from genline.config.constants import RUN_STEP_TASK
 from genline.config.settings import load_settings
 from genline.tasks.app import CeleryDispatcher, flower_celery, make_celery
 from genline.tasks.messages import RedisNudges, direct_redis
 from genline.workers.broker import REDIS_TRANSPORT, RedisTransport, broker_transport
+
+# For the tests that only read a URL and never connect: port 1, where nothing listens. The tests
+# that talk to Redis use ``redis_url``, the session's own redis-server (tests/conftest.py).
+NOWHERE = "redis://127.0.0.1:1/0"
 
 
 def _settings(tmp_path: Path, broker: str | None) -> object:
@@ -34,7 +40,7 @@ def _settings(tmp_path: Path, broker: str | None) -> object:
 
 @pytest.mark.parametrize(
     ("broker", "chosen"),
-    [("redis://127.0.0.1:6379/13", REDIS_TRANSPORT), (None, None), ("amqp://guest@127.0.0.1//", None)],
+    [(NOWHERE, REDIS_TRANSPORT), (None, None), ("amqp://guest@127.0.0.1//", None)],
 )
 def test_our_transport_is_chosen_for_redis_urls_only(tmp_path: Path, broker: str | None, chosen: str | None) -> None:
     assert broker_transport(_settings(tmp_path, broker)) == chosen  # type: ignore[arg-type]
@@ -58,8 +64,13 @@ def test_one_client_object_per_channel_and_messages_round_trip(redis_url: str) -
             producer.publish({"n": i}, routing_key=queue.name, declare=[queue])
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
             assert first is second  # kombu's own channel makes a new client object each time
-        got = []
-        with conn.Consumer(queue, callbacks=[lambda body, message: (got.append(body["n"]), message.ack())]):
+        got: list[int] = []
+
+        def take(body: dict[str, int], message: Message) -> None:
+            got.append(body["n"])
+            message.ack()
+
+        with conn.Consumer(queue, callbacks=[take]):
             while len(got) < 3:
                 conn.drain_events(timeout=5)
         assert got == [0, 1, 2]
@@ -76,7 +87,7 @@ def test_one_client_object_per_channel_and_messages_round_trip(redis_url: str) -
 def _pushed(client: redis.Redis, queue: str) -> dict[str, Any]:
     raw = client.rpop(queue)
     assert raw is not None, f"nothing on {queue}"
-    message: dict[str, Any] = json.loads(raw)
+    message: dict[str, Any] = json.loads(raw)  # type: ignore[arg-type]  # redis-py types every reply alike
     return message
 
 
@@ -102,7 +113,7 @@ def test_a_direct_nudge_is_the_message_celery_would_have_sent(
     celery_path.direct = None
     client = redis.Redis.from_url(redis_url)
 
-    @app.task(name=RUN_STEP_TASK)  # type: ignore[untyped-decorator]  # Celery ships no types
+    @app.task(name=RUN_STEP_TASK)  # Celery ships no types
     def run_step(step_id: str) -> None: ...
 
     task = run_step
@@ -136,7 +147,12 @@ def test_a_direct_nudge_is_read_by_a_consumer_of_the_queue(tmp_path: Path, redis
     got: list[tuple[Any, str]] = []
     with app.connection_for_read() as conn:
         queue = app.amqp.queues["genline.copy"]
-        with conn.Consumer(queue, callbacks=[lambda body, m: (got.append((body, m.headers["task"])), m.ack())]):
+
+        def take(body: Any, message: Message) -> None:
+            got.append((body, message.headers["task"]))
+            message.ack()
+
+        with conn.Consumer(queue, callbacks=[take]):
             conn.drain_events(timeout=5)
     dispatcher.close()
     no_workflow = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -146,11 +162,11 @@ def test_a_direct_nudge_is_read_by_a_consumer_of_the_queue(tmp_path: Path, redis
 @pytest.mark.parametrize(
     ("broker", "options", "direct"),
     [
-        ("redis://127.0.0.1:6379/13", {}, True),
+        (NOWHERE, {}, True),
         (None, {}, False),  # the embedded broker
-        ("redis://127.0.0.1:6379/13", {"global_keyprefix": "tenant:"}, False),
+        (NOWHERE, {"global_keyprefix": "tenant:"}, False),
         # kombu's option, not redis-py's (the settings refuse such a URL; the app could still get one)
-        ("redis://127.0.0.1:6379/13?visibility_timeout=3600", {}, False),
+        (f"{NOWHERE}?visibility_timeout=3600", {}, False),
         ("amqp://guest@127.0.0.1//", {}, False),
     ],
 )

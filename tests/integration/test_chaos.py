@@ -7,20 +7,15 @@ once. Every invariant of ``make chaos`` is asserted. The full run (300 pipelines
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
-
 from lab.chaos_run import ChaosPlan, run_chaos
-from tests.conftest import IN_CI, PG_HOST, PG_PORT, require_service
+from tests.conftest import PG_HOST, PG_PORT, require_program, require_service
 
 
 def test_forty_pipelines_survive_kills_restarts_and_provider_faults(tmp_path: Path) -> None:
     require_service("PostgreSQL", PG_HOST, PG_PORT)
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed; the chaos run starts (and restarts) its own"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+    require_program("redis-server", "the chaos run starts (and restarts) its own")
 
     out = tmp_path / "chaos.json"
     result, failures = run_chaos(ChaosPlan.quick(timeout_s=150), out)

@@ -1,6 +1,7 @@
-"""The production footprint, end to end: real worker processes and a poller on Redis, PostgreSQL,
-an S3-compatible server (moto's server mode) and the simulator over HTTP. Every stored video must
-be byte-identical to what the provider produced, and no paid job may have been started twice."""
+"""The production footprint, end to end: real worker processes and a poller on Redis (the test
+session's own redis-server, never the machine's shared one), PostgreSQL, an S3-compatible server
+(moto's server mode) and the simulator over HTTP. Every stored video must be byte-identical to
+what the provider produced, and no paid job may have been started twice."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from genline.config.constants import PIPELINE_TERMINAL
 from genline.config.settings import load_settings
 from genline.pipelines.api import Genline
 from genline.provider.simulator import SimConfig, start_simulator
-from genline.storage.migrate import upgrade
 from genline.storage.factory import open_store
+from genline.storage.migrate import upgrade
 from genline.storage.s3 import S3ObjectStore
 from genline.workers.processes import ProcessGroup
 from tests.conftest import TEST_KEY
@@ -83,7 +84,7 @@ def test_twenty_pipelines_on_redis_postgres_s3_and_the_simulator(
             assert not failed
 
             with api.runtime.db.engine.connect() as conn:
-                jobs = dict(
+                jobs: dict[str, str] = dict(
                     conn.execute(
                         text(
                             "SELECT s.pipeline_id, j.task_id FROM provider_jobs j JOIN steps s ON s.id = j.step_id "
