@@ -32,6 +32,7 @@ from genline.storage.models import ProviderJob, Step
 from genline.workers.processes import ProcessGroup
 from tests.conftest import TEST_KEY
 from tests.support.cli import GenlineCli, count_rows, one_error_line
+from tests.support.drive import faults
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -57,10 +58,6 @@ def restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
-
-
-def faults(sim: SimulatorHandle, *entries: dict[str, Any]) -> None:
-    httpx.post(f"{sim.base_url}/_sim/faults", json={"script": list(entries)}).raise_for_status()
 
 
 def user_env(sim: SimulatorHandle, var: Path, **extra: str) -> dict[str, str]:

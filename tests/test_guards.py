@@ -47,15 +47,12 @@ from genline.workers.drain import drain
 from genline.workers.sweeper import sweep
 from tests.conftest import TEST_KEY
 from tests.support.clock import ManualClock
+from tests.support.drive import faults
 from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
 pytestmark = pytest.mark.timeout(120)
 RequestFn = Callable[..., dict[str, Any]]
 VIDEO_FILES = "/files/*.mp4"  # the simulator's video result links (fnmatch: '*' spans '/')
-
-
-def faults(sim: SimulatorHandle, *entries: dict[str, Any]) -> None:
-    httpx.post(f"{sim.base_url}/_sim/faults", json={"script": list(entries)}).raise_for_status()
 
 
 def requests_by_status(sim: SimulatorHandle) -> dict[str, int]:

@@ -36,12 +36,9 @@ from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
 from genline.workers.drain import drain
 from lab.chaos_faults import drop_pg_connections
 from tests.conftest import TEST_KEY
+from tests.support.drive import sim_stats
 
 RequestFn = Callable[..., dict[str, Any]]
-
-
-def sim_stats(sim: SimulatorHandle) -> dict[str, Any]:
-    return httpx.get(f"{sim.base_url}/_sim/stats").json()
 
 
 def sim_task(sim: SimulatorHandle, task_id: str) -> dict[str, Any]:

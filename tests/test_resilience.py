@@ -30,6 +30,7 @@ from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
 from genline.workers.drain import drain
 from genline.workers.poller import Poller, next_poll_s
 from genline.workers.sweeper import sweep
+from tests.support.drive import faults, sim_config
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -40,14 +41,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def faults(sim: SimulatorHandle, *entries: dict[str, Any]) -> None:
-    httpx.post(f"{sim.base_url}/_sim/faults", json={"script": list(entries)}).raise_for_status()
-
-
-def sim_config(sim: SimulatorHandle, **changes: Any) -> None:
-    httpx.post(f"{sim.base_url}/_sim/config", json=changes).raise_for_status()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 
 from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
 from genline.provider.simulator.media import MP4_MIN_SIZE, media_seed, mp4_chunks, png_bytes, sha256_of
+from tests.support.clock import ManualClock
 
 KEY = "sk-test-secret-123"
 IMAGE = {"model": "wan-2.7-image", "prompt": "a red bicycle on a sunny street", "n": 1, "size": "1:1"}
@@ -29,19 +30,6 @@ VIDEO = {
     "resolution": "1080p",
 }
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write copy for a red bicycle"}]}
-
-
-class ManualClock:
-    """Unix time that only moves when a test says so."""
-
-    def __init__(self, start: float = 1_800_000_000.25) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 Sim = tuple[SimulatorHandle, httpx.Client]

@@ -18,7 +18,7 @@ def test_forty_pipelines_survive_kills_restarts_and_provider_faults(tmp_path: Pa
     require_program("redis-server", "the chaos run starts (and restarts) its own")
 
     out = tmp_path / "chaos.json"
-    result, failures = run_chaos(ChaosPlan.quick(timeout_s=150), out)
+    result, failures = run_chaos(ChaosPlan.quick(), out)
     summary = {k: v for k, v in result.items() if k not in ("timeline", "plan", "faults", "settings")}
 
     assert json.loads(out.read_text())["pipelines"] == 40
