@@ -22,6 +22,7 @@ HEADLINE = (
     "spend_recorded_usd",
     "spend_billed_by_provider_usd",
     "secrets_found_in_logs",
+    "max_recovery_wait_s",
     "wall_time_s",
 )
 
@@ -40,7 +41,7 @@ HEADLINE = (
     type=click.FloatRange(min=10),
     default=None,
     help="Stop waiting for the pipelines after this many seconds (they then count as not ended).  "
-    "[default: 900; 180 with --quick]",
+    "[default: 900; 420 with --quick]",
 )
 @click.option(
     "--out",
@@ -58,12 +59,14 @@ def chaos(pipelines: int | None, quick: bool, timeout_s: float | None, out: Path
     \b
     It starts, on this machine: its own redis-server on a free port, a fresh PostgreSQL database
     (on 127.0.0.1:5432, user postgres), moto's S3 server, the provider simulator over HTTP, two
-    worker processes and a poller. The simulator injects 10% 429 (with Retry-After), 5% 500/503,
-    2% answers that hang past the client's timeout, 1% jobs that fail, 1% jobs that stay
-    processing far longer than estimated, and result links that expire after 60 s for 5% of jobs.
-    While the pipelines run: a worker is SIGKILLed every ~5 s and restarted, the poller is killed
-    and restarted (twice; once with --quick), Redis is killed and restarted once with its data
-    NOT kept (no RDB, no AOF), and every PostgreSQL connection of the run is terminated once.
+    worker processes and a poller, all on genline's shipped settings. The simulator injects 10%
+    429 (with Retry-After), 5% 500/503, 2% answers that hang past the client's 30 s timeout, 1%
+    jobs that fail, 1% jobs that stay processing far longer than estimated, result links that
+    expire after 60 s for 5% of jobs, a dead result link for every 25th video, and downloads at
+    100 KB/s. While the pipelines run: a worker is SIGKILLed every ~5 s and restarted, a worker is
+    SIGKILLed while it holds a copy (twice; once with --quick), the poller is killed and restarted
+    (twice; once with --quick), Redis is killed and restarted once with its data NOT kept (no RDB,
+    no AOF), and every PostgreSQL connection of the run is terminated once.
 
     \b
     At the end it writes var/chaos/latest.json and exits 1 unless every invariant holds:
@@ -74,6 +77,7 @@ def chaos(pipelines: int | None, quick: bool, timeout_s: float | None, out: Path
       lost_outputs == 0                     no succeeded pipeline's video is missing or different
       spend_recorded_usd == spend_billed_by_provider_usd, to the cent
       secrets_found_in_logs == 0            the API key is in no log line, DB row or Redis key
+      max_recovery_wait_s <= 90             a killed worker's step ran again within 90 s
       and every planned kill and restart really happened.
     Exit code 3 means the run itself could not be set up (no redis-server, no PostgreSQL).
     Everything it started is stopped on the way out, also on failure and Ctrl-C.

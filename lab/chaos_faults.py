@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,26 @@ from genline.workers.processes import Child, ProcessGroup
 from tests.support.redis_server import OwnRedis
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+HOST = socket.gethostname()  # a lease's owner is host:pid (pipelines/leases.py)
+COPYING_SQL = "SELECT lease_owner FROM steps WHERE kind = 'store' AND status = 'running' AND lease_owner IS NOT NULL"
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and every process below it (a Celery worker and its pool), read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115  # one read, closed at once
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
 Say = Callable[[str], None]
 
 
@@ -58,15 +79,22 @@ def drop_pg_connections(db_name: str) -> int:
 class Planned:
     """One scheduled disruption: due at ``at_s`` seconds or once ``at_share`` of pipelines ended."""
 
-    what: str  # poller_kill | redis_restart | pg_connections_dropped
+    what: str  # poller_kill | redis_restart | pg_connections_dropped | worker_sigkill_mid_copy
     at_s: float
     at_share: float
 
 
-def schedule(poller_kills: int, redis_restarts: int, pg_drops: int, first_s: float, gap_s: float) -> list[Planned]:
-    """Interleave the disruptions (poller, Redis, PostgreSQL, poller, ...) evenly over the run;
-    the last one is due by the time 80% of the pipelines have ended."""
-    kinds = {"poller_kill": poller_kills, "redis_restart": redis_restarts, "pg_connections_dropped": pg_drops}
+def schedule(
+    poller_kills: int, redis_restarts: int, pg_drops: int, first_s: float, gap_s: float, copy_kills: int = 0
+) -> list[Planned]:
+    """Interleave the disruptions (poller, Redis, PostgreSQL, a worker in mid-copy, poller, ...)
+    evenly over the run; the last one is due by the time 80% of the pipelines have ended."""
+    kinds = {
+        "poller_kill": poller_kills,
+        "redis_restart": redis_restarts,
+        "pg_connections_dropped": pg_drops,
+        "worker_sigkill_mid_copy": copy_kills,
+    }
     order: list[str] = []
     while any(kinds.values()):
         for kind in kinds:
@@ -91,17 +119,21 @@ class Disruptor:
         worker_kill_every_s: float,
         planned: list[Planned],
         say: Say,
+        on_kill: Callable[[list[str], float], None] | None = None,
     ) -> None:
         self.group, self.redis, self.db_name = group, redis, db_name
         self.workers, self.concurrency = workers, concurrency
         self.kill_every_s = worker_kill_every_s
         self.planned = list(planned)
         self.say = say
+        self.db_conninfo = f"host=127.0.0.1 port=5432 user=postgres dbname={db_name}"
+        self.on_kill = on_kill
         self.kills = {
             "worker_sigkill": 0,
             "poller_kill": 0,
             "redis_restart": 0,
             "pg_connections_dropped": 0,
+            "worker_sigkill_mid_copy": 0,
             "exited_by_itself": 0,
         }
         self.timeline: list[dict[str, Any]] = []
@@ -124,11 +156,27 @@ class Disruptor:
 
     def _sigkill(self, name: str) -> None:
         for child in [c for c in self.group.children if c.name == name]:
+            pids = process_tree(child.proc.pid)
             if child.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.proc.pid, signal.SIGKILL)
             child.proc.wait(10)
             self.group.children.remove(child)
+            if self.on_kill is not None and name != "poller":
+                self.on_kill([f"{HOST}:{pid}" for pid in pids], time.monotonic())
+
+    def _worker_copying(self) -> str | None:
+        """The name of a worker that holds a running copy right now (its lease says which process)."""
+        try:
+            with psycopg.connect(self.db_conninfo, connect_timeout=5) as conn:
+                owners = [r[0] for r in conn.execute(COPYING_SQL)]
+        except psycopg.Error:
+            return None
+        for name in self.workers:
+            child = next((c for c in self.group.children if c.name == name and c.alive()), None)
+            if child is not None and {f"{HOST}:{pid}" for pid in process_tree(child.proc.pid)} & set(owners):
+                return name
+        return None
 
     # --- the disruptions -------------------------------------------------------------------------
     def tick(self, terminal: int, total: int) -> None:
@@ -147,10 +195,13 @@ class Disruptor:
             self._next_worker_kill = now + self.kill_every_s
         share = terminal / total if total else 1.0
         while self.planned and (now - self._started >= self.planned[0].at_s or share >= self.planned[0].at_share):
-            self._do(self.planned.pop(0).what, terminal)
+            if not self._do(self.planned[0].what, terminal):
+                break  # not possible this instant (no copy running): due again at the next tick
+            self.planned.pop(0)
         self._restart_dead(terminal)
 
-    def _do(self, what: str, terminal: int) -> None:
+    def _do(self, what: str, terminal: int) -> bool:
+        """Carry out one planned disruption; False when it cannot be done this instant."""
         if what == "poller_kill":
             self._sigkill("poller")
             time.sleep(1.0)  # a moment with no poller at all: leases must expire, nothing is lost
@@ -159,11 +210,19 @@ class Disruptor:
         elif what == "redis_restart":
             self.redis.restart(down_s=2.0)
             self._record(what, terminal, data_kept=OwnRedis.data_kept, down_s=2.0)
+        elif what == "worker_sigkill_mid_copy":
+            name = self._worker_copying()
+            if name is None:
+                return False
+            self._sigkill(name)
+            self._start(name)
+            self._record(what, terminal, name=name)
         elif what == "pg_connections_dropped":
             dropped = drop_pg_connections(self.db_name)
             self._record(what, terminal, connections_terminated=dropped)
         else:  # pragma: no cover - schedule() makes only the kinds above
             raise ValueError(what)
+        return True
 
     def _restart_dead(self, terminal: int) -> None:
         """A child that died without being killed here is started again, and counted: it is a

@@ -43,7 +43,7 @@ from sqlalchemy.pool import NullPool
 from genline.config.logging import configure_logging
 from genline.workers.processes import ProcessGroup
 from lab.chaos_faults import Disruptor, fresh_database, schedule
-from lab.chaos_verify import Verdict, invariant_failures, settled_stats
+from lab.chaos_verify import RecoveryWatch, Verdict, invariant_failures, settled_stats
 from tests.support.redis_server import OwnRedis
 from tests.support.s3_server import DUMMY_AWS_ENV, MotoServer
 
@@ -64,6 +64,7 @@ class ChaosPlan:
     poller_kills: int = 2
     redis_restarts: int = 1
     pg_drops: int = 1
+    copy_kills: int = 2  # a worker SIGKILLed while it holds a running copy
     first_disruption_s: float = 6.0
     disruption_gap_s: float = 6.0
     faults: dict[str, float] = field(
@@ -75,37 +76,32 @@ class ChaosPlan:
             "job_failure_rate": 0.01,
             "job_stall_rate": 0.01,  # processing stall_seconds past an estimate of video_seconds
             "short_url_ttl_rate": 0.05,  # result links that expire short_url_ttl_s after completion
+            "poisoned_link_every": 25,  # every 25th video's link points where nothing answers
         }
     )
+    # The provider's side: quick renders, short link lifetimes and slow downloads (so kills land in
+    # the middle of copies); answers that hang outlast genline's shipped 30 s client timeout.
     simulator: dict[str, float] = field(
         default_factory=lambda: {
             "image_seconds": 1.0,
             "video_seconds": 2.0,
             "retry_after_s": 0.5,
-            "timeout_hang_s": 5.0,
+            "timeout_hang_s": 35.0,
             "stall_seconds": 30.0,
             "short_url_ttl_s": 60.0,
+            "download_bytes_per_s": 100_000.0,  # a 200 KB video takes 2 s to copy
         }
     )
-    # Shorter than production so a lost message or a dead worker is recovered within the run;
-    # everything else (attempts, breakers, rate limits) keeps genline's defaults.
-    settings: dict[str, str] = field(
-        default_factory=lambda: {
-            "GENLINE_HTTP_TIMEOUT_S": "3",
-            "GENLINE_POLL_INTERVAL_S": "0.5",
-            "GENLINE_SWEEP_AFTER_S": "5",
-            "GENLINE_VISIBILITY_TIMEOUT_S": "30",
-            "GENLINE_LEASE_S": "10",
-            "GENLINE_PROVIDER_BACKOFF_S": "0.2",
-            "GENLINE_PROVIDER_BACKOFF_CAP_S": "2",
-            "GENLINE_BREAKER_COOLDOWN_S": "5",
-        }
-    )
+    # genline's side runs on its shipped settings: every recovery setting (sweep, lease, visibility
+    # timeout, backoffs, breaker cooldown, poll interval, timeouts) is the default a user gets.
+    settings: dict[str, str] = field(default_factory=dict)
+    max_recovery_wait_s: float = 90.0  # a killed worker's step must run again within this
 
     @classmethod
-    def quick(cls, pipelines: int = 40, timeout_s: float = 180.0) -> ChaosPlan:
-        """What CI runs: 40 pipelines, one poller kill, one Redis restart, one connection drop."""
-        return cls(pipelines=pipelines, timeout_s=timeout_s, poller_kills=1, submit_per_s=10.0)
+    def quick(cls, pipelines: int = 40, timeout_s: float = 420.0) -> ChaosPlan:
+        """What CI runs: 40 pipelines, one poller kill, one kill in mid-copy, one Redis restart, one
+        connection drop."""
+        return cls(pipelines=pipelines, timeout_s=timeout_s, poller_kills=1, copy_kills=1, submit_per_s=10.0)
 
 
 class _Tee(io.TextIOBase):
@@ -179,6 +175,8 @@ class Chaos:
                 f"S3 {moto.endpoint_url}, simulator {sim.base_url}; logs in {self.logs}"
             )
             group = stack.enter_context(ProcessGroup(log_dir=self.logs, env={**env, **DUMMY_AWS_ENV}))
+            watch = RecoveryWatch(db_url)
+            stack.callback(watch.close)
             disruptor = Disruptor(
                 group,
                 redis,
@@ -192,11 +190,13 @@ class Chaos:
                     self.plan.pg_drops,
                     self.plan.first_disruption_s,
                     self.plan.disruption_gap_s,
+                    copy_kills=self.plan.copy_kills,
                 ),
                 say=self.say,
+                on_kill=watch.killed,
             )
             with Genline(settings) as api:
-                drive_s = self._drive(api, disruptor, db_url)
+                drive_s = self._drive(api, disruptor, db_url, watch)
             group.stop()  # every child ends before anything is counted: logs and rows are final
             self.say("chaos: every process stopped; checking the invariants")
             stats = settled_stats(sim.base_url, wait_s=self.plan.simulator["stall_seconds"] + 10)
@@ -209,12 +209,14 @@ class Chaos:
             finally:
                 verdict.close()
             result.update(self._extras(disruptor, stats, sim.state, drive_s))
+            result.update(watch.figures())
+            result["max_recovery_wait_allowed_s"] = self.plan.max_recovery_wait_s
             result["simulator_seed"] = sim_config.seed  # the fault draws; set plan.simulator["seed"] to replay
         result["wall_time_s"] = round(time.monotonic() - started, 1)
         return result
 
     # --- the run ---------------------------------------------------------------------------------
-    def _drive(self, api: Any, disruptor: Disruptor, db_url: str) -> float:
+    def _drive(self, api: Any, disruptor: Disruptor, db_url: str, watch: RecoveryWatch) -> float:
         """Submit at a steady pace while the disruptor does its work; returns when every pipeline
         has ended or the plan's timeout has passed."""
         monitor = create_engine(db_url, poolclass=NullPool)  # a fresh connection each look: survives drops
@@ -229,6 +231,7 @@ class Chaos:
                     self._submit(api, submitted)
                     submitted += 1
                 terminal = self._terminal(monitor, terminal)
+                watch.tick(time.monotonic())
                 if submitted == self.plan.pipelines and terminal >= self.plan.pipelines:
                     break
                 if now - t0 > self.plan.timeout_s:
@@ -291,6 +294,7 @@ class Chaos:
                 "jobs_failing": sum(1 for j in jobs if j.outcome == "fail"),
                 "jobs_stalling": sum(1 for j in jobs if j.outcome == "stall"),
                 "jobs_with_short_links": sum(1 for j in jobs if j.url_ttl_s == self.plan.simulator["short_url_ttl_s"]),
+                "jobs_with_poisoned_links": sum(1 for j in jobs if j.poisoned),
             },
             "provider_jobs_total": stats["jobs_total"],
             "provider_jobs_by_status": stats["jobs_by_status"],

@@ -274,5 +274,62 @@ def invariant_failures(result: dict[str, Any]) -> list[str]:
         ),
         (result["secrets_found_in_logs"] == 0, f"the API key was found {result['secrets_found_in_logs']} times"),
         (not result["disruptions_missed"], f"planned disruptions did not happen: {result['disruptions_missed']}"),
+        (
+            result["max_recovery_wait_s"] is not None
+            and result["max_recovery_wait_s"] <= result["max_recovery_wait_allowed_s"],
+            f"a killed worker's step waited {result['max_recovery_wait_s']} s to run again "
+            f"(allowed: {result['max_recovery_wait_allowed_s']} s)",
+        ),
+        (
+            result["steps_of_killed_workers_never_run_again"] == 0,
+            f"{result['steps_of_killed_workers_never_run_again']} steps of killed workers never ran again",
+        ),
     ]
     return [what for ok, what in checks if not ok]
+
+
+class RecoveryWatch:
+    """How long the steps a killed worker was running waited before they ran again.
+
+    At each worker kill the steps whose lease the killed processes held (``lease_owner`` is
+    ``host:pid``) are noted with their attempts; while the run goes on, each is watched until it is
+    claimed again (its attempts grow) or ends. ``max_recovery_wait_s`` is the longest such wait."""
+
+    def __init__(self, db_url: str) -> None:
+        self.engine = create_engine(db_url, poolclass=NullPool)  # a fresh connection each look
+        self.waiting: dict[str, tuple[float, int]] = {}  # step id -> (killed at, attempts then)
+        self.waits: list[float] = []
+
+    def killed(self, owners: list[str], at: float) -> None:
+        rows = self._rows(
+            "SELECT id, attempts FROM steps WHERE status = 'running' AND lease_owner = ANY(:owners)", owners=owners
+        )
+        for step_id, attempts in rows:
+            self.waiting[step_id] = (at, attempts)
+
+    def tick(self, now: float) -> None:
+        if not self.waiting:
+            return
+        rows = self._rows("SELECT id, attempts, status FROM steps WHERE id = ANY(:ids)", ids=list(self.waiting))
+        for step_id, attempts, status in rows:
+            at, before = self.waiting[step_id]
+            if attempts > before or status in ("succeeded", "failed", "cancelled"):
+                self.waits.append(now - at)
+                del self.waiting[step_id]
+
+    def _rows(self, sql: str, **params: Any) -> list[Any]:
+        try:
+            with self.engine.connect() as conn:
+                return list(conn.execute(text(sql), params))
+        except Exception:  # noqa: BLE001  # the connections are being dropped: look again next tick
+            return []
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "max_recovery_wait_s": round(max(self.waits), 1) if self.waits else None,
+            "steps_of_killed_workers": len(self.waits) + len(self.waiting),
+            "steps_of_killed_workers_never_run_again": len(self.waiting),
+        }
+
+    def close(self) -> None:
+        self.engine.dispose()

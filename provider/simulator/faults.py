@@ -70,6 +70,9 @@ class SimConfig:
     latency_s: float = 0.0
     url_ttl_s: float = 86400.0
     download_bytes_per_s: float = 0.0  # how fast a video result streams; 0: as fast as it can
+    poisoned_link_every: int = (
+        0  # every Nth video's result link points where nothing answers (and lives short_url_ttl_s)
+    )
     video_bytes: int = 262144
     image_px: int = 64
     rate_429: float = 0.0
@@ -124,6 +127,8 @@ class SimConfig:
             raise ValueError("image_px must be between 1 and 4096")
         if self.rate_limit_per_s < 1:
             raise ValueError("rate_limit_per_s must be at least 1")
+        if self.poisoned_link_every < 0:
+            raise ValueError("poisoned_link_every must not be negative")
         if self.submit_shape not in SHAPES:
             raise ValueError(f"submit_shape must be one of {', '.join(SHAPES)}")
         if self.url_shape not in URL_SHAPES:

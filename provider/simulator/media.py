@@ -290,6 +290,9 @@ def cached_png(seed: bytes, px: int) -> bytes:
     return png_bytes(seed, px)
 
 
+POISONED_ORIGIN = "http://127.0.0.1:9"  # the discard port: a connection there is refused, every time
+
+
 @dataclass
 class Job:
     """One provider-side generation job; everything that decides its future is fixed at submit.
@@ -316,6 +319,7 @@ class Job:
     polls: int = 0
     digests: dict[int, tuple[int, str]] = field(default_factory=dict)
     cancelled_at: float | None = None  # set by POST /v1/tasks/{id}/cancel
+    poisoned: bool = False  # its result link points where nothing answers (SimConfig.poisoned_link_every)
 
     @property
     def ext(self) -> str:
@@ -376,7 +380,8 @@ class Job:
         if status == "completed":
             data["completed"] = int(self.done_at)
             data["actual_time"] = max(0, round(self.done_at - self.created))
-            urls = [f"{origin}/files/{self.id}/{i}.{self.ext}" for i in range(len(self.seeds))]
+            base = POISONED_ORIGIN if self.poisoned else origin
+            urls = [f"{base}/files/{self.id}/{i}.{self.ext}" for i in range(len(self.seeds))]
             data["result"] = {
                 f"{self.kind}s": [
                     {"url": url if self.url_shape == "string" else [url], "expires_at": int(self.expires_at)}

@@ -87,6 +87,7 @@ class SimState:
         self.inputs: Counter[bytes] = Counter()
         self._unsettled: set[str] = set()
         self._serial = 0
+        self.videos_made = 0  # counts video jobs for SimConfig.poisoned_link_every
         self.script.clear()
         self.window.clear()
         self.rng.seed(self.config.seed)
@@ -350,6 +351,11 @@ def _new_job(
         cost_usd=cost,
         idempotency_key=key,
     )
+    every = config.poisoned_link_every
+    if kind == "video" and every:
+        state.videos_made += 1
+        if state.videos_made % every == 0:  # a dead link that runs out soon: retried until then, then gone
+            job.poisoned, job.url_ttl_s = True, config.short_url_ttl_s
     state.add_job(job)
     if key:
         state.task_by_key[key] = job.id

@@ -1,8 +1,9 @@
 """The quick chaos run, for real: 40 pipelines on Redis, PostgreSQL, moto's S3 server, the simulator
 over HTTP (faults on), two worker processes and a poller, while a worker is SIGKILLed every ~5 s,
 the poller is killed once, Redis is restarted once (empty) and PostgreSQL connections are dropped
-once. Every invariant of ``make chaos`` is asserted. The full run (300 pipelines) is
-``make chaos``; this is the one CI runs every time (about a minute and a half here)."""
+once, and a worker is killed in the middle of a copy, all on genline's shipped settings. Every
+invariant of ``make chaos`` is asserted. The full run (300 pipelines) is ``make chaos``; this is the
+one CI runs every time (about four minutes here)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def test_forty_pipelines_survive_kills_restarts_and_provider_faults(tmp_path: Pa
     kills = result["kills"]
     assert kills["worker_sigkill"] >= 1 and kills["poller_kill"] >= 1, kills
     assert kills["redis_restart"] == 1 and kills["pg_connections_dropped"] == 1, kills
+    assert kills["worker_sigkill_mid_copy"] == 1, kills
+    # Shipped settings: a step a killed worker was running ran again within 90 s, and none was left.
+    assert result["settings"] == {}
+    assert result["max_recovery_wait_s"] is not None and result["max_recovery_wait_s"] <= 90, summary
+    assert result["steps_of_killed_workers_never_run_again"] == 0, summary
     assert result["redis_data_kept"] is False
     assert all(event["terminal_then"] < 40 for event in result["timeline"]), result["timeline"]
     assert not result["disruptions_missed"]
