@@ -4,6 +4,7 @@ backoff of their own, so one bad link never blocks the others."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -29,9 +30,10 @@ from genline.provider.gateway import CallContext
 from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
 from genline.provider.wire import SubmitResult
 from genline.storage.migrate import upgrade
-from genline.storage.models import ProviderJob, Step, StoredObject
+from genline.storage.models import ProviderCall, ProviderJob, Step, StoredObject
 from genline.tasks.app import CeleryDispatcher, make_celery
 from genline.workers.drain import drain
+from genline.workers.poller import Poller
 from genline.workers.processes import ProcessGroup
 from tests.support.drive import nudges, run_until, sim_stats
 
@@ -272,3 +274,42 @@ def test_backoff_doubles_with_jitter_up_to_its_cap_and_a_copy_waits_at_most_half
         assert len(set(waits)) > 1  # jittered: copies that failed together do not return together
     near = now + timedelta(seconds=20)
     assert all((retry_at(rt, 10, now, near) - now).total_seconds() <= 10 for _ in range(50))
+
+
+def test_a_job_completed_by_another_round_after_this_claim_lapsed_is_billed_once(
+    rt: Runtime, sim: SimulatorHandle, request_fields: RequestFn
+) -> None:
+    """A round whose reads outlast its claim's lease: another round takes the job, completes it,
+    and books its cost; the slow round's completed read then books nothing."""
+    api = Genline(runtime=rt)
+    pid = api.submit(request_fields()).pipeline_id
+    run_until(rt, "video")  # the image job was polled to completion on the way
+    with rt.db.transaction() as s:
+        image_job = s.scalars(select(ProviderJob).join(Step).where(Step.pipeline_id == pid)).one()
+        image_job.status, image_job.next_poll_at = "processing", utcnow() - timedelta(seconds=1)
+        image_job.lease_until = None
+        for call in s.scalars(select(ProviderCall).where(ProviderCall.pipeline_id == pid)):
+            if call.operation == "poll":
+                s.delete(call)  # as if the job had never been seen completed
+    slow, quick = Poller(rt), Poller(rt)
+    loop = asyncio.new_event_loop()
+    try:
+        claimed = slow.claim()
+        answers = loop.run_until_complete(slow.poll(claimed))  # completed, but not yet written
+        with rt.db.transaction() as s:  # its lease runs out while it is slow
+            s.get_one(ProviderJob, image_job.id).lease_until = utcnow() - timedelta(seconds=1)
+        assert loop.run_until_complete(quick.run_once()) == 1  # the other round completes the job
+        slow.apply(claimed, answers)
+    finally:
+        loop.run_until_complete(slow.aclose())
+        loop.run_until_complete(quick.aclose())
+        loop.close()
+    with rt.db.transaction() as s:
+        costed = [
+            c.cost_usd
+            for c in s.scalars(
+                select(ProviderCall).where(ProviderCall.pipeline_id == pid, ProviderCall.operation == "poll")
+            )
+            if c.cost_usd
+        ]
+    assert len(costed) == 1  # booked once, by the round that completed the job

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import Integer, String, Table, bindparam, func, or_, select, update
@@ -239,7 +240,11 @@ class Poller:
 
     async def _gateway(self) -> Gateway:
         if self.gateway is None:
-            client = self._client or make_task_reader(self.settings, max_connections=self.settings.poller_concurrency)
+            # A read may take at most a third of a claim's lease, so a round's answers are written
+            # while its claim still holds and no other round can have taken its jobs meanwhile.
+            s = self.settings
+            reads = s.with_overrides(http_timeout_s=min(s.http_timeout_s, s.lease_s / 3))
+            client = self._client or make_task_reader(reads, max_connections=s.poller_concurrency)
             self.gateway = Gateway(self.rt.catalog, self.audit, async_client=client, retry=self.rt.retry_policy)
         return self.gateway
 
@@ -424,8 +429,10 @@ class Poller:
         effects = Effects()
         now_s = time.time()
         todo = self.sort_answers(claimed, answers, now_s)
+        records = self.audit.drain() if records is None else records
         with self.rt.db.transaction() as s, s.no_autoflush:
-            write_audit_many(s, self.audit.drain() if records is None else records)
+            self._book_each_completion_once(s, todo, records)
+            write_audit_many(s, records)
             if todo.ids:
                 self._write_routine(s, todo)
             if todo.ended:
@@ -434,6 +441,26 @@ class Poller:
             done = time.time()
             self.on_applied([done - c.due_s for c, a in zip(claimed, answers, strict=True) if a is not LEASE_LOST])
         return effects
+
+    def _book_each_completion_once(self, s: Session, todo: Sorted, records: list[CallRecord]) -> None:
+        """A job's cost is booked on the poll that completes it, once. If another round finished the
+        job since this one claimed it (this claim's lease ran out while its reads were slow), this
+        round's completed read books nothing: its jobs are locked here (PostgreSQL; SQLite's write
+        transaction already runs alone), so the completions still open are the ones it applies."""
+        done = {
+            c.job_id: c.step_id for c, a in todo.ended if isinstance(a, TaskState) and a.status == JobStatus.COMPLETED
+        }
+        if not done:
+            return
+        query = select(_JOBS.c.id).where(_JOBS.c.id.in_(list(done)), _JOBS.c.status.in_(POLLED))
+        if self.rt.db.is_postgres:
+            query = query.with_for_update()
+        still_open = set(s.connection().execute(query).scalars())
+        finished_elsewhere = {step for job, step in done.items() if job not in still_open}
+        for record in records:
+            if record.operation == "poll" and record.cost_usd and record.ctx.step_id in finished_elsewhere:
+                record.cost_usd, record.units = Decimal(0), None
+                log.warning("completion_seen_twice", step_id=record.ctx.step_id)
 
     def _write_routine(self, s: Session, todo: Sorted) -> None:
         if self.rt.db.is_postgres:
