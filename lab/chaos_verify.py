@@ -281,6 +281,11 @@ def invariant_failures(result: dict[str, Any]) -> list[str]:
             f"(allowed: {result['max_recovery_wait_allowed_s']} s)",
         ),
         (
+            result["failed_with_reason"] <= _faulted_jobs(result),
+            f"{result['failed_with_reason']} pipelines failed, more than the {_faulted_jobs(result)} jobs the "
+            "provider was made to fail (failed jobs, short-lived and dead result links)",
+        ),
+        (
             result["steps_of_killed_workers_never_run_again"] == 0,
             f"{result['steps_of_killed_workers_never_run_again']} steps of killed workers never ran again",
         ),
@@ -333,3 +338,9 @@ class RecoveryWatch:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _faulted_jobs(result: dict[str, Any]) -> int:
+    """Provider jobs the run made fail on purpose: a pipeline may fail for each, and for nothing else."""
+    injected = result["faults_injected"]
+    return int(injected["jobs_failing"] + injected["jobs_with_short_links"] + injected["jobs_with_poisoned_links"])
