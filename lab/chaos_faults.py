@@ -40,7 +40,8 @@ def process_tree(pid: int) -> set[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115  # one read, closed at once
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
                 parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
     tree, grew = {pid}, True
     while grew:
