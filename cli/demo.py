@@ -11,12 +11,14 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
-from genline.cli.output import emit_json, fail
+from genline.cli.output import emit_json, fail, printable
 from genline.cli.progress import wait_for
 from genline.config.errors import GenlineError
 from genline.config.logging import configure_logging
@@ -32,7 +34,9 @@ SAMPLES = (
 
 
 def sample_image(folder: Path, index: int) -> Path:
-    """A real PNG product photo stand-in (the simulator's deterministic renderer draws it)."""
+    """A real PNG product photo stand-in (the simulator's deterministic renderer draws it), kept in
+    an upload folder (``samples/`` in the first of GENLINE_UPLOAD_DIRS): the demo submits it by
+    path, as a service that saves its users' uploads there would."""
     from genline.provider.simulator.media import png_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,8 +76,16 @@ def demo(count: int, workers: int, video_seconds: float, timeout_s: float, as_js
     demo_key = "demo-" + secrets.token_hex(12)  # a throwaway key, so the demo exercises auth too
     upgrade(settings.database_url)
     sim = start_simulator(SimConfig(api_key=demo_key, image_seconds=1.5, video_seconds=video_seconds))
-    settings = settings.with_overrides(provider_base_url=sim.base_url, provider_api_key=Secret(demo_key))
-    env = {**settings.child_env(), "APIMART_API_KEY": demo_key}
+    # The simulator listens on loopback, which genline reaches only when it is allowed to.
+    allowed = (*settings.allow_private_hosts, ip_network(urlsplit(sim.base_url).hostname or "127.0.0.1"))
+    settings = settings.with_overrides(
+        provider_base_url=sim.base_url, provider_api_key=Secret(demo_key), allow_private_hosts=allowed
+    )
+    env = {
+        **settings.child_env(),
+        "APIMART_API_KEY": demo_key,
+        "GENLINE_ALLOW_PRIVATE_HOSTS": ",".join(str(host) for host in allowed),
+    }
     env.pop("APIMART_API_KEY_FILE", None)
     say(f"simulator listening on {sim.base_url}; state in {settings.var_dir}")
     group = ProcessGroup(log_dir=settings.var_dir / "logs", env=env)
@@ -93,7 +105,7 @@ def demo(count: int, workers: int, video_seconds: float, timeout_s: float, as_js
                     "user_id": f"demo-seller-{i % 3 + 1}",
                     "feature": "listing-video",
                     "description": description,
-                    "image": str(sample_image(settings.var_dir / "samples", i % len(SAMPLES))),
+                    "image": str(sample_image(settings.upload_dirs[0] / "samples", i % len(SAMPLES))),
                     "profile": profile,
                     "idempotency_key": f"demo-{run}-{i}",
                 }
@@ -141,7 +153,7 @@ def report(final: dict[str, dict[str, Any]], *, as_json: bool) -> None:
             if r["video"]:
                 line += f"  video: {r['video']} ({r['video_bytes']} bytes)"
             if r["error"]:
-                line += f"  reason [{r['error']['code']}]: {r['error']['message']}"
+                line += f"  reason [{printable(r['error']['code'])}]: {printable(r['error']['message'])}"
             click.echo(line)
         if len(ok) == len(rows):
             click.echo(f"All {len(rows)} sample pipelines succeeded; every stored video exists.")

@@ -12,6 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -67,7 +68,11 @@ def _request_options(fn: Any) -> Any:
         click.option("--user-id", help="Who the work is for (budgets and audit are per user)."),
         click.option("--feature", help="Which product feature asked (e.g. listing-video)."),
         click.option("--description", help="The product, in the seller's words (at most 2,000 characters)."),
-        click.option("--image", help="The product photo: a local PNG/JPEG/WebP file (≤ 10 MB) or an http(s) URL."),
+        click.option(
+            "--image",
+            help="The product photo: a local PNG/JPEG/WebP file (≤ 10 MB; read by this command, from any "
+            "folder) or an http(s) URL.",
+        ),
         click.option("--profile", help="Which profile of models and lengths to use (default: standard)."),
         click.option(
             "--idempotency-key",
@@ -84,13 +89,26 @@ def _request_options(fn: Any) -> Any:
     return fn
 
 
+MAX_REQUEST_FILE_BYTES = 1024 * 1024  # a request is a few fields; the photo is a path, a URL or --image
+
+
 def _read_json_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_REQUEST_FILE_BYTES + 1)
     except OSError as exc:
         raise ValidationError(
             f"The request file {str(path)!r} cannot be read: {exc.strerror}.", code="file_unreadable", field="file"
         ) from None
+    if len(raw) > MAX_REQUEST_FILE_BYTES:
+        raise ValidationError(
+            f"The request file is over {MAX_REQUEST_FILE_BYTES // 1048576} MB, the most a request may be "
+            "(the photo goes by path, URL or --image, not inside it).",
+            code="file_too_large",
+            field="file",
+        )
+    try:
+        data = json.loads(raw.decode())
     except json.JSONDecodeError as exc:
         raise ValidationError(
             f"The request file is not valid JSON: {exc.msg} at line {exc.lineno}.", code="invalid_json", field="file"
@@ -98,6 +116,14 @@ def _read_json_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ValidationError(
             "The request file is not text (is it the photo? pass that with --image).", code="invalid_json", field="file"
+        ) from None
+    except RecursionError:
+        raise ValidationError(
+            "The request file is not valid JSON: it is nested too deeply.", code="invalid_json", field="file"
+        ) from None
+    except ValueError as exc:  # a number too long to convert, ...
+        raise ValidationError(
+            f"The request file is not valid JSON: {str(exc)[:60]}.", code="invalid_json", field="file"
         ) from None
     if not isinstance(data, dict):
         raise ValidationError("The request file must hold one JSON object.", code="request_not_object", field="file")
@@ -119,6 +145,13 @@ def submit(file: Path | None, wait: bool, as_json: bool, **fields: Any) -> None:
     try:
         request = _read_json_file(file) if file else {}
         request.update({k: v for k, v in fields.items() if v is not None})
+        image = fields.get("image")
+        if image is not None and "://" not in image:
+            # The operator's own argument: this command reads the file and passes its bytes, so it
+            # may be anywhere. A path inside a request (--file, batch) is read only in an upload folder.
+            from genline.pipelines.images import read_operator_file
+
+            request["image"] = read_operator_file(Path(image))
         generated = "idempotency_key" not in request
         if generated:
             request["idempotency_key"] = f"cli-{uuid.uuid4().hex}"
@@ -221,7 +254,9 @@ def config_cmd(markdown: bool) -> None:
             value = "(set)" if settings.provider_api_key else "(not set)"
         elif s.attr == "provider_api_key_file":  # a path, not the key; settings keep only the key
             value = os.environ.get(s.env) or "(not set)"
-        elif s.attr in ("database_url", "broker_url") and isinstance(value, str) and "@" in value:
+        elif isinstance(value, tuple):
+            value = ("," if s.attr == "allow_private_hosts" else os.pathsep).join(str(v) for v in value) or "(none)"
+        elif isinstance(value, str) and "://" in value and "@" in value:  # every URL, the provider's too
             value = _without_password(value)
         click.echo(f"{s.env:<32} {value}")
 
@@ -233,11 +268,13 @@ def _provider_group() -> click.Group:
 
 
 def _without_password(url: str) -> str:
-    """``scheme://user:***@host/...``: a URL fit to print."""
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
+    """``scheme://user:***@host/...``: a URL fit to print (its password, if any, masked)."""
+    parts = urlsplit(url)
+    credentials, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
     user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}{':***' if ':' in credentials else ''}@{host}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _register_subcommands() -> None:

@@ -1,9 +1,15 @@
-"""How the CLI speaks: plain sentences for people, one JSON document for scripts (``--json``)."""
+"""How the CLI speaks: plain sentences for people, one JSON document for scripts (``--json``).
+
+Text for people may carry what a provider or a user wrote: its control characters (a terminal's
+escape sequences, carriage returns) and bidi overrides are shown escaped (``\\x1b``), never
+written to the terminal as they are. JSON escapes them itself.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from typing import Any, NoReturn
 
 import click
@@ -11,6 +17,22 @@ import click
 from genline.config.errors import ConfigError, GenlineError, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(value: object) -> str:
+    """``value`` as text fit for a terminal: control characters and bidi overrides escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char in _BIDI_CONTROLS or unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def emit_json(data: Any) -> None:
@@ -23,22 +45,26 @@ def fail(err: GenlineError, *, as_json: bool) -> NoReturn:
     if as_json:
         emit_json({"error": err.to_dict()})
     else:
-        where = f" ({err.field})" if err.field else ""
-        click.echo(f"error [{err.code}]{where}: {err.message}", err=True)
+        where = f" ({printable(err.field)})" if err.field else ""
+        click.echo(f"error [{printable(err.code)}]{where}: {printable(err.message)}", err=True)
     sys.exit(code)
 
 
 def describe_status(status: dict[str, Any]) -> str:
+    """A pipeline's status for people, one line per step; every value escaped by ``printable``."""
+    p = printable
     lines = [
-        f"pipeline {status['id']}: {status['status']}  cost ${status['cost_usd']}"
-        f" (estimated ${status['estimated_cost_usd']})"
+        f"pipeline {p(status['id'])}: {p(status['status'])}  cost ${p(status['cost_usd'])}"
+        f" (estimated ${p(status['estimated_cost_usd'])})"
     ]
     for step in status["steps"]:
-        extra = f" via {step['model']}" if step.get("model") else ""
-        err = f" — {step['error']['message']}" if step.get("error") else ""
-        lines.append(f"  {step['kind']:<6} {step['status']:<10} {step['progress']:>3}%{extra}{err}")
+        extra = f" via {p(step['model'])}" if step.get("model") else ""
+        err = f" — {p(step['error']['message'])}" if step.get("error") else ""
+        lines.append(f"  {p(step['kind']):<6} {p(step['status']):<10} {step['progress']:>3}%{extra}{err}")
     if status.get("video"):
-        lines.append(f"  video: {status['video']['location']} ({status['video']['size']} bytes)")
+        lines.append(f"  video: {p(status['video']['location'])} ({p(status['video']['size'])} bytes)")
     if status.get("error"):
-        lines.append(f"  reason [{status['error']['code']}]: {status['error']['message']}")
+        lines.append(f"  reason [{p(status['error']['code'])}]: {p(status['error']['message'])}")
+    for flag, names in (status.get("flags") or {}).items():  # what screening found in the description
+        lines.append(f"  flag {p(flag)}: {', '.join(p(n) for n in names)}")
     return "\n".join(lines)

@@ -2,12 +2,19 @@
 
 Prices live in JSON (``config/catalog.json`` unless GENLINE_CATALOG_FILE names another), never in
 code. A profile names, for each step, an ordered list of models; the first is preferred.
+
+The ``features`` section holds each feature's policy for what sellers write (``pipelines/screening.py``):
+``pii`` is ``mask`` (personal data replaced by typed placeholders before anything is stored, logged or
+sent) or ``reject``; ``injection`` is ``flag`` (recorded on the pipeline, logged, let through as quoted
+data) or ``reject``; ``injection_blocklist`` adds phrases to the built-in heuristics. Its ``default``
+entry applies to every feature not listed, and fills what a listed feature leaves out (blocklists add
+up). Without a ``features`` section every feature gets ``pii: mask``, ``injection: flag``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,9 @@ from genline.config.errors import ConfigError
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.json")
 _KINDS = {"chat", "image", "video"}
+PII_POLICIES = ("mask", "reject")
+INJECTION_POLICIES = ("flag", "reject")
+DEFAULT_FEATURE = "default"
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,24 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class FeaturePolicy:
+    """What a feature does with personal data and suspected prompt injection in a description."""
+
+    pii: str = "mask"  # mask | reject
+    injection: str = "flag"  # flag | reject
+    injection_blocklist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Catalog:
     models: dict[str, ModelPrice]
     profiles: dict[str, Profile]
+    features: dict[str, FeaturePolicy] = field(default_factory=dict)
+    default_feature: FeaturePolicy = field(default_factory=FeaturePolicy)
+
+    def feature_policy(self, feature: str) -> FeaturePolicy:
+        """The feature's policy; a feature the catalog does not list gets the default."""
+        return self.features.get(feature, self.default_feature)
 
     def model(self, name: str) -> ModelPrice:
         try:
@@ -151,4 +176,40 @@ def parse_catalog(raw: Any, source: str = "catalog") -> Catalog:
                             f"but {model} makes at most {cap} s."
                         )
         profiles[name] = profile
-    return Catalog(models=models, profiles=profiles)
+    default, features = parse_features(raw.get("features"), source)
+    return Catalog(models=models, profiles=profiles, features=features, default_feature=default)
+
+
+def _feature_policy(name: str, spec: Any, base: FeaturePolicy, source: str) -> FeaturePolicy:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"Catalog feature {name!r} in {source} must be an object with pii and injection policies.")
+    unknown = sorted(set(spec) - {"pii", "injection", "injection_blocklist"})
+    if unknown:
+        raise ConfigError(
+            f"Catalog feature {name!r} has an unknown setting {unknown[0]!r}; "
+            "the settings are pii, injection and injection_blocklist."
+        )
+    pii = spec.get("pii", base.pii)
+    if pii not in PII_POLICIES:
+        raise ConfigError(f"Catalog feature {name!r} has pii policy {pii!r}; use mask or reject.")
+    injection = spec.get("injection", base.injection)
+    if injection not in INJECTION_POLICIES:
+        raise ConfigError(f"Catalog feature {name!r} has injection policy {injection!r}; use flag or reject.")
+    blocklist = spec.get("injection_blocklist", [])
+    if not isinstance(blocklist, list) or not all(isinstance(p, str) and p.strip() for p in blocklist):
+        raise ConfigError(f"Catalog feature {name!r} has an injection_blocklist that is not a list of phrases.")
+    phrases = tuple(dict.fromkeys(base.injection_blocklist + tuple(" ".join(p.split()) for p in blocklist)))
+    return FeaturePolicy(pii=pii, injection=injection, injection_blocklist=phrases)
+
+
+def parse_features(raw: Any, source: str = "catalog") -> tuple[FeaturePolicy, dict[str, FeaturePolicy]]:
+    """The ``features`` section: the default policy, and each listed feature's (default filled in)."""
+    if raw is None:
+        return FeaturePolicy(), {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"The catalog {source} has a 'features' section that is not an object.")
+    default = _feature_policy(DEFAULT_FEATURE, raw.get(DEFAULT_FEATURE, {}), FeaturePolicy(), source)
+    features = {
+        name: _feature_policy(name, spec, default, source) for name, spec in raw.items() if name != DEFAULT_FEATURE
+    }
+    return default, features

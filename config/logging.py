@@ -1,12 +1,16 @@
 """structlog configured once per process: one JSON object per line, secrets scrubbed.
 
 Secrets never reach a log line: a processor replaces the provider key (and any value under a
-key that looks like a credential) before rendering.
+key that looks like a credential) before rendering. The same scrubber, ``scrub_text``, cleans every
+provider text genline stores or shows (a step's or pipeline's error message), so a secret an
+answer echoes is no more in a row or on a screen than in a log: registered secrets (the API key,
+the passwords in the configured URLs), a URL's ``user:password@`` and a ``Bearer`` token.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -15,6 +19,9 @@ import structlog
 
 _SENSITIVE = ("authorization", "api_key", "apikey", "password", "secret", "token")
 _secrets: set[str] = set()
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s/@]+@")
+_BEARER = re.compile(r"(?i)\b(?P<head>bearer\s+)[A-Za-z0-9._~+/=-]{4,}")
+MASK = "********"
 
 
 def register_secret(value: str | None) -> None:
@@ -26,8 +33,17 @@ def register_secret(value: str | None) -> None:
 def _scrub_text(text: str) -> str:
     for secret in _secrets:
         if secret in text:
-            text = text.replace(secret, "********")
+            text = text.replace(secret, MASK)
+    if "://" in text:
+        text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + "@", text)
+    text = _BEARER.sub(lambda m: m["head"] + MASK, text)
     return text
+
+
+def scrub_text(text: str | None) -> str | None:
+    """``text`` with every secret this process knows masked: for provider text that is stored or
+    shown (error messages), the same scrubber as the log lines'."""
+    return None if text is None else _scrub_text(text)
 
 
 def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

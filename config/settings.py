@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from genline.config.errors import ConfigError
+from genline.config.logging import register_secret
 
 PRODUCTION_BASE_URL = "https://api.apimart.ai"
 EMBEDDED_BROKER = "embedded"
@@ -86,6 +89,48 @@ def _optional(raw: str) -> str | None:
     return raw or None
 
 
+PrivateHost = str | IPv4Network | IPv6Network
+
+
+def _private_hosts(raw: str) -> tuple[PrivateHost, ...]:
+    """Comma-separated host names (lower-cased, trailing dot dropped) and IP addresses or CIDR
+    networks (an address is its own /32 or /128); no schemes, ports, paths or wildcards."""
+    entries: list[PrivateHost] = []
+    for part in raw.split(","):
+        entry = part.strip()
+        if not entry:
+            continue
+        if "/" in entry:
+            try:
+                entries.append(ip_network(entry, strict=True))
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not a CIDR network ({exc})") from None
+            continue
+        try:
+            entries.append(ip_network(entry.strip("[]")))
+            continue
+        except ValueError:
+            pass
+        name = entry.lower().rstrip(".")
+        labels = name.split(".")
+        if not all(_HOST_LABEL.match(label) for label in labels) or labels[-1].isdigit():
+            raise ValueError(
+                f"{entry!r} is not a host name, an IP address or a CIDR network "
+                "(write hosts without scheme, port or path, e.g. 127.0.0.1,10.0.0.0/8,minio.internal)"
+            )
+        entries.append(name)
+    return tuple(entries)
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def _folders(raw: str) -> tuple[Path, ...] | None:
+    """Folders separated by ``os.pathsep`` (``:``), resolved now; empty for the default."""
+    folders = tuple(Path(part.strip()).expanduser().resolve() for part in raw.split(os.pathsep) if part.strip())
+    return folders or None
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GENLINE_VAR_DIR",
@@ -122,6 +167,15 @@ SETTINGS: tuple[Setting, ...] = (
         _optional,
     ),
     Setting("GENLINE_S3_REGION", "s3_region", "us-east-1", "Region for the S3 client."),
+    Setting(
+        "GENLINE_UPLOAD_DIRS",
+        "upload_dirs",
+        None,
+        "Folders (separated by `:`) a request may name a local image in; any other path is refused "
+        "(`image_path_not_allowed`). Default: the var folder's uploads/. The CLI's own `--image PATH` "
+        "and images passed as bytes need none.",
+        _folders,
+    ),
     Setting(
         "APIMART_BASE_URL",
         "provider_base_url",
@@ -169,6 +223,45 @@ SETTINGS: tuple[Setting, ...] = (
         "http_connect_timeout_s",
         "5",
         "Connect timeout of one provider call, in seconds.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_ALLOW_PRIVATE_HOSTS",
+        "allow_private_hosts",
+        "",
+        "Host names, IP addresses and CIDR networks (comma-separated) that genline may reach although "
+        "they are private, loopback or link-local (e.g. the simulator's 127.0.0.1). Empty: only public "
+        "addresses, for result downloads, callbacks and users' image URLs alike.",
+        _private_hosts,
+    ),
+    Setting(
+        "GENLINE_MAX_IMAGE_DOWNLOAD_MB",
+        "max_image_download_mb",
+        "20",
+        "Largest image result genline copies from the provider, in MiB; a larger one fails the copy.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_MAX_VIDEO_DOWNLOAD_MB",
+        "max_video_download_mb",
+        "2048",
+        "Largest video result genline copies from the provider, in MiB; a larger one fails the copy.",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_IMAGE_DOWNLOAD_DEADLINE_S",
+        "image_download_deadline_s",
+        "120",
+        "Longest one image download may take in all, in seconds (a slow or dripping link is cut off "
+        "and the copy tried again).",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_VIDEO_DOWNLOAD_DEADLINE_S",
+        "video_download_deadline_s",
+        "900",
+        "Longest one video download may take in all, in seconds (a slow or dripping link is cut off "
+        "and the copy tried again).",
         _positive_float,
     ),
     Setting(
@@ -312,12 +405,18 @@ class Settings:
     storage_url: str
     s3_endpoint_url: str | None
     s3_region: str
+    upload_dirs: tuple[Path, ...]
     provider_base_url: str
     provider_api_key: Secret | None = field(repr=False)
     catalog_file: str | None
     poll_interval_s: float
     http_timeout_s: float
     http_connect_timeout_s: float
+    allow_private_hosts: tuple[PrivateHost, ...]
+    max_image_download_mb: float
+    max_video_download_mb: float
+    image_download_deadline_s: float
+    video_download_deadline_s: float
     provider_max_attempts: int
     provider_backoff_s: float
     provider_backoff_cap_s: float
@@ -356,6 +455,7 @@ class Settings:
             "GENLINE_BROKER_URL": self.broker_url,
             "GENLINE_STORAGE_URL": self.storage_url,
             "GENLINE_S3_REGION": self.s3_region,
+            "GENLINE_UPLOAD_DIRS": os.pathsep.join(str(folder) for folder in self.upload_dirs),
             "APIMART_BASE_URL": self.provider_base_url,
             "GENLINE_POLL_INTERVAL_S": repr(self.poll_interval_s),
             "GENLINE_LOG_LEVEL": self.log_level,
@@ -397,6 +497,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         values["database_url"] = f"sqlite:///{var_dir / 'genline.db'}"
     if values["storage_url"] is None:
         values["storage_url"] = (var_dir / "objects").as_uri()
+    if values["upload_dirs"] is None:
+        values["upload_dirs"] = (var_dir / "uploads",)
     _check_urls(values)
 
     key_file = values.pop("provider_api_key_file")
@@ -411,7 +513,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if not key:
             raise ConfigError("APIMART_API_KEY_FILE is empty.")
     values["provider_api_key"] = Secret(key) if key else None
+    # Scrubbed from every log line and every stored or shown error text (config/logging.py).
+    register_secret(key)
+    for name in ("database_url", "broker_url", "storage_url", "s3_endpoint_url", "provider_base_url"):
+        register_secret(url_password(values[name]))
     return Settings(**values)
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in a URL's ``user:password@``, if any."""
+    if not url or "@" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def _check_urls(values: dict[str, Any]) -> None:
@@ -421,7 +537,15 @@ def _check_urls(values: dict[str, Any]) -> None:
             f"GENLINE_DATABASE_URL must be sqlite:///... or postgresql+psycopg://..., not {db or 'empty'}://."
         )
     broker = values["broker_url"]
-    if broker != EMBEDDED_BROKER and urlsplit(broker).scheme not in {"redis", "rediss", "amqp", "sqla+sqlite"}:
+    scheme = urlsplit(broker).scheme
+    if broker != EMBEDDED_BROKER and scheme.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands every transport option (genline's visibility timeout
+        # among them) to create_engine, so each nudge would fail; genline runs it itself as `embedded`.
+        raise ConfigError(
+            f"GENLINE_BROKER_URL {scheme}://... is kombu's SQLAlchemy transport, which genline runs itself: "
+            "set GENLINE_BROKER_URL=embedded (a SQLite broker in GENLINE_VAR_DIR), or use redis://host:port/db."
+        )
+    if broker != EMBEDDED_BROKER and scheme not in {"redis", "rediss", "amqp"}:
         raise ConfigError("GENLINE_BROKER_URL must be `embedded`, redis://host:port/db or amqp://...")
     _check_redis_url_options(broker)
     store = urlsplit(values["storage_url"])

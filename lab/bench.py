@@ -165,6 +165,7 @@ def _genline_env(var: Path, db_url: str, broker: str, sim_url: str, key: str) ->
         "GENLINE_DATABASE_URL": db_url,
         "GENLINE_BROKER_URL": broker,
         "APIMART_BASE_URL": sim_url,
+        "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator, on loopback
         "APIMART_API_KEY": key,
         "GENLINE_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
         "GENLINE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),

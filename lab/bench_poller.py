@@ -405,6 +405,7 @@ def _runtime(db_url: str, sim_url: str, key: str, var: Path, broker: str) -> Ite
         "GENLINE_DATABASE_URL": db_url,
         "GENLINE_BROKER_URL": broker,
         "APIMART_BASE_URL": sim_url,
+        "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator, on loopback
         "APIMART_API_KEY": key,
         "GENLINE_POLL_INTERVAL_S": str(INTERVAL_S),
         "GENLINE_LOG_LEVEL": "WARNING",

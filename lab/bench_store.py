@@ -74,6 +74,7 @@ def measure_completion_to_stored(
             "GENLINE_STORAGE_URL": "s3://genline-bench-store/outputs",
             "GENLINE_S3_ENDPOINT_URL": moto.endpoint_url,
             "APIMART_BASE_URL": sim.base_url,
+            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator, on loopback
             "APIMART_API_KEY": key,
             "GENLINE_POLL_INTERVAL_S": str(INTERVAL_S),
             "GENLINE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),

@@ -38,6 +38,7 @@ def measure_submit(
         "GENLINE_DATABASE_URL": db_url,
         "GENLINE_BROKER_URL": broker,
         "APIMART_BASE_URL": sim_url,
+        "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator, on loopback
         "APIMART_API_KEY": "bench-submit",
         "GENLINE_LOG_LEVEL": "WARNING",
     }

@@ -141,6 +141,7 @@ class Chaos:
             "GENLINE_STORAGE_URL": "s3://genline-chaos/outputs",
             "GENLINE_S3_ENDPOINT_URL": s3_endpoint,
             "APIMART_BASE_URL": sim_url,
+            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator, on loopback
             "APIMART_API_KEY": self.secret,
             "GENLINE_LOG_LEVEL": "INFO",
             **self.plan.settings,

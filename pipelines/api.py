@@ -13,6 +13,10 @@
 
 Validation is the CLI's, error for error: a bad request raises ``ValidationError`` (a
 ``UserError``) with ``.code``, ``.field`` and ``.message``, and nothing is created or enqueued.
+
+The image is an http(s) URL, the photo itself (``bytes``, or a file object opened ``"rb"``), or a
+path inside an upload folder (``GENLINE_UPLOAD_DIRS``): a service never needs to name a path.
+Whatever its source, the image is decoded and re-encoded before it is stored or sent.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ class Genline:
         self.runtime = runtime
 
     def submit(self, request: dict[str, Any]) -> Accepted:
-        """Validate and accept one request; returns at once with the pipeline's id."""
-        return submit_pipeline(self.runtime, validate_request(request, self.runtime.catalog))
+        """Validate and accept one request; returns at once with the pipeline's id. ``request["image"]``
+        may be a URL, bytes, a binary file object, or a path inside an upload folder."""
+        rt = self.runtime
+        checked = validate_request(request, rt.catalog, upload_dirs=rt.settings.upload_dirs, url_policy=rt.url_policy)
+        return submit_pipeline(rt, checked)
 
     def status(self, pipeline_id: str) -> dict[str, Any]:
         return pipeline_status(self.runtime, pipeline_id)

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from genline.config.clock import utcnow
 from genline.config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepKind, StepStatus
 from genline.config.errors import ConfigError, GenlineError, ProviderError
-from genline.config.logging import get_logger
+from genline.config.logging import get_logger, scrub_text
 from genline.pipelines.audit import AuditHold, holding, write_audit
 from genline.pipelines.context import Done, StepContext
 from genline.pipelines.dispatch import queue_for
@@ -84,6 +84,7 @@ def earliest_expiry(output: dict[str, Any]) -> datetime | None:
 
 def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
     effects = Effects()
+    message = scrub_text(message) or ""  # provider text: stored and shown, so scrubbed like a log line
     now = utcnow()
     if step.status not in STEP_TERMINAL:
         step.status = StepStatus.FAILED
@@ -501,7 +502,7 @@ def _requeue(rt: Runtime, step_id: str, code: str, message: str, *, refund: bool
         if step.status == StepStatus.RUNNING:
             now = utcnow()
             step.status = StepStatus.QUEUED
-            step.error_code, step.error_message = code, message
+            step.error_code, step.error_message = code, scrub_text(message)
             step.lease_owner = step.lease_until = None
             step.updated_at = now
             if refund:
@@ -522,7 +523,19 @@ def notify_callback(rt: Runtime, pipeline_id: str) -> None:
             pipeline.callback_url,
             {"pipeline_id": pipeline.id, "status": pipeline.status, "error_code": pipeline.error_code},
         )
+    # Through the safe client (public addresses only, provider/safe_http.py), following no
+    # redirect, with 10 s in all, and the answer's body never read.
+    from genline.provider.safe_http import UnsafeURL, deadline_in
+
     try:
-        rt.downloads.post(url, json=body, timeout=5.0)
+        with rt.downloads.stream(
+            "POST", url, json=body, timeout=5.0, follow_redirects=False, extensions=deadline_in(10.0)
+        ) as answer:
+            if answer.is_redirect:
+                log.warning("callback_failed", pipeline_id=pipeline_id, error="redirect_not_followed")
+            elif answer.status_code >= 400:
+                log.warning("callback_failed", pipeline_id=pipeline_id, error=f"http_{answer.status_code}")
+    except UnsafeURL as exc:
+        log.warning("callback_failed", pipeline_id=pipeline_id, error=f"url_{exc.reason}")
     except httpx.HTTPError as exc:
         log.warning("callback_failed", pipeline_id=pipeline_id, error=type(exc).__name__)

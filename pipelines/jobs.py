@@ -26,7 +26,7 @@ from genline.config.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from genline.config.logging import get_logger
+from genline.config.logging import get_logger, scrub_text
 from genline.pipelines.audit import current_hold, write_audit
 from genline.pipelines.context import Outcome, StepContext, Waiting
 from genline.pipelines.runtime import Runtime
@@ -230,7 +230,7 @@ def _record_refusal(rt: Runtime, job_id: str, err: ProviderError) -> None:
             s.delete(job)
         else:
             job.status = JobStatus.FAILED
-            job.error_code, job.error_message = err.code, err.message
+            job.error_code, job.error_message = err.code, scrub_text(err.message)
 
 
 def _wait_on(

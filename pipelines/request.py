@@ -1,7 +1,10 @@
 """A pipeline request, and its validation: the same for the Python API, the CLI and batch lines.
 
 Every problem is a ``ValidationError`` with a stable code, the field to blame and one plain-English
-sentence. Validation reads the input image (at most 10 MB) and checks its type by its bytes.
+sentence. Text fields hold no control characters (a description may hold line breaks and tabs) and
+no bidi overrides. The input image is an http(s) URL, bytes or a binary file object, or a local path
+inside an upload folder (``GENLINE_UPLOAD_DIRS``); its bytes are decoded and re-encoded
+(``pipelines/images.py``) before anything is kept or sent.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +21,13 @@ from urllib.parse import urlsplit
 
 from genline.config.catalog import Catalog
 from genline.config.errors import ValidationError
+from genline.pipelines.images import MAX_IMAGE_BYTES as MAX_IMAGE_BYTES
+from genline.pipelines.images import read_bounded, read_upload, reencode
+from genline.pipelines.images import sniff_image_type as sniff_image_type
+from genline.pipelines.screening import screen_description
+from genline.provider.safe_http import STRICT, AddressPolicy, UnsafeURL, check_url
 
 MAX_DESCRIPTION_CHARS = 2000
-MAX_IMAGE_BYTES = 10 * 1024 * 1024
 DEFAULT_PROFILE = "standard"
 PRIORITIES = ("interactive", "batch")
 FIELDS = (
@@ -35,6 +44,10 @@ FIELDS = (
     "video_model",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:+-]*$")
+# Bidi embeddings, overrides and isolates: text that reads otherwise than it is stored. The marks
+# (U+200E, U+200F, U+061C) stay allowed: right-to-left text needs them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_LINE_BREAKS = frozenset("\n\t")  # allowed in the description only
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class PipelineRequest:
     callback_url: str | None
     priority: str
     models: dict[str, str]  # step kind -> model the caller asked for
+    flags: dict[str, list[str]] | None = None  # what screening found: injection_suspected, pii_masked
 
     def fingerprint(self) -> str:
         """Same request, same fingerprint: a reused idempotency key must come with the same request."""
@@ -79,18 +93,24 @@ class PipelineRequest:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def sniff_image_type(head: bytes) -> str | None:
-    """The image type by its first bytes, whatever the file is called."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+def _check_characters(value: str, name: str, *, multiline: bool) -> None:
+    """No control character (NUL, escape sequences, ...), lone surrogate or bidi override."""
+    for position, char in enumerate(value):
+        if multiline and char in _LINE_BREAKS:
+            continue
+        if char in _BIDI_CONTROLS or unicodedata.category(char) in ("Cc", "Cs"):
+            allowed = " (line breaks and tabs are allowed)" if multiline else ""
+            raise ValidationError(
+                f"{name} holds the control character U+{ord(char):04X} at position {position + 1}; "
+                f"control characters and bidi overrides are not allowed{allowed}.",
+                code=f"{name}_invalid_character",
+                field=name,
+            )
 
 
-def _text(raw: dict[str, Any], name: str, *, required: bool = True, limit: int = 200) -> str | None:
+def _text(
+    raw: dict[str, Any], name: str, *, required: bool = True, limit: int = 200, multiline: bool = False
+) -> str | None:
     value = raw.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
@@ -105,6 +125,9 @@ def _text(raw: dict[str, Any], name: str, *, required: bool = True, limit: int =
             code=f"{name}_too_long",
             field=name,
         )
+    if multiline:
+        value = value.replace("\r\n", "\n")
+    _check_characters(value, name, multiline=multiline)
     return value
 
 
@@ -120,17 +143,41 @@ def _name(raw: dict[str, Any], name: str, limit: int) -> str:
     return value
 
 
-def _http_url(value: str, name: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError(
-            f"{name} must be an http:// or https:// URL (got {value[:60]!r}).", code=f"{name}_not_http", field=name
-        )
+_URL_CODES = {"scheme": "not_http", "credentials": "has_credentials", "malformed": "invalid_url"}
+
+
+def _http_url(value: str, name: str, policy: AddressPolicy = STRICT) -> str:
+    """An http(s) URL genline will POST to or hand to the provider: public addresses only, no
+    userinfo (``provider/safe_http.py``; a name that does not resolve from here is accepted). The
+    message never repeats the URL: it may carry credentials."""
+    try:
+        check_url(value, policy)
+    except UnsafeURL as err:
+        if err.reason == "scheme":
+            raise ValidationError(
+                f"{name} must be an http:// or https:// URL.", code=f"{name}_not_http", field=name
+            ) from None
+        code = f"{name}_{_URL_CODES.get(err.reason, 'not_public')}"
+        raise ValidationError(f"{name} is refused: {err.message}", code=code, field=name) from None
     return value
 
 
-def load_image(ref: str) -> InputImage:
-    """An image given as an http(s) URL, or as a local file checked by its bytes."""
+def _clean_image(data: bytes) -> InputImage:
+    clean = reencode(data)
+    return InputImage(
+        url=None, data=clean.data, content_type=clean.content_type, sha256=hashlib.sha256(clean.data).hexdigest()
+    )
+
+
+def image_from_bytes(value: Any) -> InputImage:
+    """An image given as bytes or as a binary file object (the Python API's): decoded, re-encoded."""
+    data = bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else read_bounded(value)
+    return _clean_image(data)
+
+
+def load_image(ref: str, upload_dirs: Sequence[Path] = (), url_policy: AddressPolicy = STRICT) -> InputImage:
+    """An image given as an http(s) URL, or as a local file inside an upload folder (checked by
+    its bytes, then re-encoded)."""
     if "://" in ref:
         scheme = urlsplit(ref).scheme
         if scheme not in ("http", "https"):
@@ -139,28 +186,15 @@ def load_image(ref: str) -> InputImage:
                 code="image_url_scheme",
                 field="image",
             )
-        return InputImage(url=_http_url(ref, "image"), data=None, content_type=None, sha256=None)
-    path = Path(ref).expanduser()
-    if not path.is_file():
-        raise ValidationError(f"image file {ref!r} does not exist.", code="image_not_found", field="image")
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise ValidationError(
-            f"image file is {size / 1048576:.1f} MB; the most allowed is 10 MB.", code="image_too_large", field="image"
-        )
-    data = path.read_bytes()
-    content_type = sniff_image_type(data[:16])
-    if content_type is None:
-        raise ValidationError(
-            f"image file {path.name!r} is not a PNG, JPEG or WebP image (judged by its contents, not its name).",
-            code="image_unsupported_type",
-            field="image",
-        )
-    return InputImage(url=None, data=data, content_type=content_type, sha256=hashlib.sha256(data).hexdigest())
+        return InputImage(url=_http_url(ref, "image", url_policy), data=None, content_type=None, sha256=None)
+    return _clean_image(read_upload(ref, upload_dirs))
 
 
-def validate_request(raw: Any, catalog: Catalog) -> PipelineRequest:
-    """Check every field of a request given as a mapping (JSON object, CLI options, batch line)."""
+def validate_request(
+    raw: Any, catalog: Catalog, *, upload_dirs: Sequence[Path] = (), url_policy: AddressPolicy = STRICT
+) -> PipelineRequest:
+    """Check every field of a request given as a mapping (JSON object, CLI options, batch line).
+    A local image path is read only inside ``upload_dirs`` (the settings' ``upload_dirs``)."""
     if not isinstance(raw, dict):
         raise ValidationError("A pipeline request must be a JSON object.", code="request_not_object")
     unknown = sorted(set(raw) - set(FIELDS))
@@ -172,7 +206,9 @@ def validate_request(raw: Any, catalog: Catalog) -> PipelineRequest:
         )
     user_id = _name(raw, "user_id", 128)
     feature = _name(raw, "feature", 64)
-    description = _text(raw, "description", limit=MAX_DESCRIPTION_CHARS)
+    description = _text(raw, "description", limit=MAX_DESCRIPTION_CHARS, multiline=True)
+    # Personal data masked (or refused) and injection flagged (or refused) before anything else sees it.
+    screened = screen_description(description or "", catalog.feature_policy(feature), feature=feature, user_id=user_id)
     idempotency_key = _name(raw, "idempotency_key", 200)
     profile_name = _text(raw, "profile", required=False, limit=64) or DEFAULT_PROFILE
     if profile_name not in catalog.profiles:
@@ -207,18 +243,31 @@ def validate_request(raw: Any, catalog: Catalog) -> PipelineRequest:
                 field=field,
             )
         models[step] = model
-    image_ref = _text(raw, "image", limit=4096)
-    assert description is not None and image_ref is not None
-    image = load_image(image_ref)
+    assert description is not None
+    given = raw.get("image")
+    if given is not None and not isinstance(given, str):
+        if not isinstance(given, (bytes, bytearray, memoryview)) and not callable(getattr(given, "read", None)):
+            raise ValidationError(
+                "image must be an http(s) URL, a path in an upload folder, bytes or a binary file object.",
+                code="image_invalid",
+                field="image",
+            )
+        image = image_from_bytes(given)
+        image_ref = f"inputs/{image.sha256}.{image.extension}"
+    else:
+        ref = _text(raw, "image", limit=4096)
+        assert ref is not None
+        image, image_ref = load_image(ref, upload_dirs, url_policy), ref
     return PipelineRequest(
         user_id=user_id,
         feature=feature,
-        description=description,
+        description=screened.text,
         image=image,
         image_ref=image_ref,
         profile=profile_name,
         idempotency_key=idempotency_key,
-        callback_url=_http_url(callback, "callback_url") if callback else None,
+        callback_url=_http_url(callback, "callback_url", url_policy) if callback else None,
         priority=priority,
         models=models,
+        flags=screened.flags or None,
     )

@@ -17,6 +17,7 @@ from genline.pipelines.dispatch import Dispatcher, MemoryDispatcher
 from genline.pipelines.leases import StepLeases
 from genline.provider.client import ProviderClient
 from genline.provider.gateway import Gateway, RetryPolicy, Stage
+from genline.provider.safe_http import AddressPolicy, DownloadLimit, SafeClient
 from genline.provider.shared_state import SharedState, shared_state_for
 from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
 from genline.storage.db import Database
@@ -85,11 +86,24 @@ class Runtime:
         )
 
     @cached_property
+    def url_policy(self) -> AddressPolicy:
+        """The private hosts genline may reach all the same (GENLINE_ALLOW_PRIVATE_HOSTS)."""
+        return AddressPolicy.from_entries(self.settings.allow_private_hosts)
+
+    @cached_property
     def downloads(self) -> httpx.Client:
-        """For provider result URLs: no Authorization header ever goes to a download host."""
-        return httpx.Client(
-            timeout=httpx.Timeout(self.settings.http_timeout_s, connect=self.settings.http_connect_timeout_s),
-            follow_redirects=True,
+        """For provider result URLs and callbacks: no Authorization header ever goes to a download
+        host, and only public addresses (or allowed ones) are reached, on every redirect hop, with
+        a size limit and an overall deadline per download of each kind (provider/safe_http.py)."""
+        s = self.settings
+        mib = 1024 * 1024
+        return SafeClient(
+            self.url_policy,
+            timeout=httpx.Timeout(s.http_timeout_s, connect=s.http_connect_timeout_s),
+            limits={
+                "image": DownloadLimit(int(s.max_image_download_mb * mib), s.image_download_deadline_s),
+                "video": DownloadLimit(int(s.max_video_download_mb * mib), s.video_download_deadline_s),
+            },
         )
 
     def warm(self) -> None:

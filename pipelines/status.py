@@ -46,6 +46,9 @@ def pipeline_status(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
             "feature": pipeline.feature,
             "profile": pipeline.profile,
             "idempotency_key": pipeline.idempotency_key,
+            # What screening found in the description: {"injection_suspected": [signals], "pii_masked": [kinds]}.
+            "flags": pipeline.flags or {},
+            "injection_suspected": bool(pipeline.flags and "injection_suspected" in pipeline.flags),
             "estimated_cost_usd": str(pipeline.estimated_cost_usd),
             "cost_usd": str(pipeline.cost_usd),
             "copy": outputs.get("copy", {}).get("text"),

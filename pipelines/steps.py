@@ -33,6 +33,7 @@ from genline.config.errors import (
 from genline.config.logging import get_logger
 from genline.pipelines.context import Done, Outcome, PrepareFn, StepContext, StepFn, Waiting
 from genline.pipelines.jobs import forget_new_intent, media_plan, prepare_job, start_provider_job
+from genline.pipelines.prompts import COPY_PROMPT, copy_messages, image_prompt, video_prompt
 from genline.pipelines.runtime import Runtime
 from genline.pipelines.store import image_for_video, prepare_store, provider_url, store_image_early, store_outputs
 
@@ -41,10 +42,7 @@ log = get_logger("genline.steps")
 
 # --- copy ------------------------------------------------------------------------------------------
 def write_copy(rt: Runtime, ctx: StepContext) -> Outcome:
-    messages = [
-        {"role": "system", "content": "You write short, vivid marketing copy for an online shop's product video."},
-        {"role": "user", "content": f"Product: {ctx.description}\nWrite a headline and two sentences."},
-    ]
+    messages = copy_messages(ctx.description)  # the description as quoted data in a fixed template
     last: ProviderError | None = None
     for model in ctx.candidates("copy", ctx.profile.copy_models):
         try:
@@ -59,7 +57,8 @@ def write_copy(rt: Runtime, ctx: StepContext) -> Outcome:
         ) as err:
             last = err  # this model is out of reach now: the next one may not be
             continue
-        return Done({"model": model, "text": result.text, "tokens": result.prompt_tokens + result.completion_tokens})
+        tokens = result.prompt_tokens + result.completion_tokens
+        return Done({"model": model, "text": result.text, "tokens": tokens, "prompt": COPY_PROMPT})
     assert last is not None
     if last.retryable and ctx.attempt >= 2:
         # Every copy model has been down through a retry: the pipeline goes on with plain copy
@@ -90,7 +89,7 @@ def photo_for_provider(rt: Runtime, ctx: StepContext) -> str:
 
 
 def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
-    prompt = f"{ctx.description[:500]} — studio product photo, clean background. {_headline(ctx)}"
+    prompt = image_prompt(ctx.description[:500], _headline(ctx))
     try:
         photo = photo_for_provider(rt, ctx)
     except Exception:
@@ -105,7 +104,7 @@ def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
 
 
 def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
-    prompt = f"Slow cinematic reveal of the product. {_headline(ctx)}"
+    prompt = video_prompt(_headline(ctx))
     try:
         image, ours = image_for_video(rt, ctx)
     except Exception:

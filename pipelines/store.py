@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session
 
 from genline.config.clock import utcnow
 from genline.config.constants import StepKind
-from genline.config.errors import GenlineError, ResultExpired
+from genline.config.errors import GenlineError, ResultExpired, StorageError
 from genline.config.logging import get_logger
 from genline.pipelines.context import Done, Outcome, StepContext
 from genline.pipelines.request import sniff_image_type
 from genline.pipelines.runtime import Runtime
+from genline.provider.safe_http import UnsafeURL, check_url
 from genline.storage.models import StoredObject, new_id
 from genline.storage.objects import StoredObjectInfo
 from genline.storage.transfer import copy_url_to_store
@@ -58,6 +59,12 @@ def image_for_video(rt: Runtime, ctx: StepContext) -> tuple[str | None, bool]:
         return None, False
     expires = _parse_time(asset.get("expires_at"))
     if expires is None or (expires - utcnow()).total_seconds() > rt.settings.copy_risk_margin_s:
+        try:  # handed on for the provider to fetch: the same checks as a user's URL
+            check_url(str(asset["url"]), rt.url_policy)
+        except UnsafeURL as err:
+            raise StorageError(
+                f"The provider's image link cannot be handed on ({err}).", code="result_link_blocked"
+            ) from err
         return str(asset["url"]), False
     _store_image(rt, ctx)
     return provider_url(rt, _wanted(ctx)[StepKind.IMAGE]), True

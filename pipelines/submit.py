@@ -63,6 +63,7 @@ _PIPELINE_COLUMNS = (
     "callback_url",
     "priority",
     "models",
+    "flags",
     "idempotency_key",
     "request_hash",
     "status",
@@ -152,6 +153,7 @@ def _write_postgres(conn: Connection, row: dict[str, Any], step_ids: list[str]) 
     params = dict(row)
     # Bound as SQLAlchemy binds these columns: JSON through psycopg's Json, times as naive UTC.
     params["models"] = Json(row["models"])
+    params["flags"] = None if row["flags"] is None else Json(row["flags"])
     params["now"] = _UTC_DATETIME.process_bind_param(row["created_at"], conn.dialect)
     for position, step_id in enumerate(step_ids):
         params[f"step_{position}"] = step_id
@@ -220,6 +222,7 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
         "callback_url": request.callback_url,
         "priority": request.priority,
         "models": request.models,
+        "flags": request.flags,  # what screening found (names only); NULL when nothing
         "idempotency_key": request.idempotency_key,
         "request_hash": request.fingerprint(),
         "status": PipelineStatus.PENDING.value,
@@ -239,5 +242,15 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
         feature=request.feature,
         profile=request.profile,
     )
+    if request.flags and "injection_suspected" in request.flags:
+        # The audit mark of a suspected prompt injection: the signals, never the text.
+        log.warning(
+            "injection_suspected",
+            pipeline_id=row["id"],
+            user_id=request.user_id,
+            feature=request.feature,
+            signals=request.flags["injection_suspected"],
+            audit=True,
+        )
     apply_effects(rt, Effects(nudges=[(step_ids[0], queue_for(PIPELINE[0][0], request.priority))]))
     return Accepted(row["id"], True, PipelineStatus.PENDING.value)

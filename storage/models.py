@@ -78,6 +78,9 @@ class Pipeline(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     priority: Mapped[str] = mapped_column(String(16), default="interactive")
     models: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # step kind -> model asked for
+    # What screening found in the description (pipelines/screening.py): {"injection_suspected":
+    # [signals], "pii_masked": [kinds]}; NULL when nothing. Names only, never the text.
+    flags: Mapped[dict[str, list[str]] | None] = mapped_column(JSON(none_as_null=True))
     idempotency_key: Mapped[str] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), index=True)

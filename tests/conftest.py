@@ -65,6 +65,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "GENLINE_PROVIDER_BACKOFF_S": "0.01",
             "GENLINE_PROVIDER_BACKOFF_CAP_S": "0.05",
             "GENLINE_HTTP_TIMEOUT_S": "5",
+            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator (and test servers) on loopback
         }
         values.update(env)
         return load_settings(values)
@@ -96,10 +97,19 @@ def either_rt(
 
 
 @pytest.fixture
-def product_png(tmp_path: Path) -> Path:
+def upload_dir(tmp_path: Path) -> Path:
+    """The default upload folder of ``make_settings``'s (and the CLI tests') var folder: local
+    image paths in a request are read only inside GENLINE_UPLOAD_DIRS."""
+    folder = tmp_path / "var" / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def product_png(upload_dir: Path) -> Path:
     from genline.provider.simulator.media import png_bytes
 
-    path = tmp_path / "mug.png"
+    path = upload_dir / "mug.png"
     path.write_bytes(png_bytes(b"mug", 32))
     return path
 

@@ -61,6 +61,16 @@ def restore_logging() -> Iterator[None]:
     structlog.configure(**saved)
 
 
+def user_env(sim: SimulatorHandle, var: Path) -> dict[str, str]:
+    """A user's settings: the simulator on loopback, which genline may reach only when allowed."""
+    return {
+        "GENLINE_VAR_DIR": str(var),
+        "APIMART_BASE_URL": sim.base_url,
+        "APIMART_API_KEY": TEST_KEY,
+        "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
+    }
+
+
 def invoke(args: list[str], env: dict[str, str] | None = None, *, catch_exceptions: bool = False) -> Result:
     """`genline ARGS` in-process, as a new process would run it: structlog unconfigured (its
     defaults), and the root logger's handlers put back afterwards (`db upgrade` points logging at
@@ -120,7 +130,7 @@ def messages(g: Genline) -> int:
 @pytest.fixture
 def genline(sim: SimulatorHandle, tmp_path: Path) -> Genline:
     var = tmp_path / "var"
-    g = Genline({"GENLINE_VAR_DIR": str(var), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": TEST_KEY}, var)
+    g = Genline(user_env(sim, var), var)
     result = g("db", "upgrade")
     assert result.exit_code == 0, result.output
     return g
@@ -222,7 +232,7 @@ def test_version() -> None:
 # --- db upgrade -----------------------------------------------------------------------------------
 def test_db_upgrade_creates_the_schema_and_can_run_again(sim: SimulatorHandle, tmp_path: Path) -> None:
     var = tmp_path / "var"
-    g = Genline({"GENLINE_VAR_DIR": str(var), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": TEST_KEY}, var)
+    g = Genline(user_env(sim, var), var)
     first = g("db", "upgrade")
     assert first.exit_code == 0, first.output
     assert re.search(r"database at revision \S+", first.stdout)
@@ -253,7 +263,7 @@ def test_a_database_without_the_schema_is_a_plain_start_up_error_not_a_traceback
     command: list[str], sim: SimulatorHandle, tmp_path: Path
 ) -> None:
     var = tmp_path / "var"
-    g = Genline({"GENLINE_VAR_DIR": str(var), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": TEST_KEY}, var)
+    g = Genline(user_env(sim, var), var)
     result = g(*command)
     assert result.exit_code == 2, result.output
     match = ERROR_LINE.match(result.stderr.strip())

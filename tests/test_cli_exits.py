@@ -61,7 +61,13 @@ def restore_logging() -> Iterator[None]:
 
 
 def user_env(sim: SimulatorHandle, var: Path, **extra: str) -> dict[str, str]:
-    return {"GENLINE_VAR_DIR": str(var), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": TEST_KEY, **extra}
+    return {
+        "GENLINE_VAR_DIR": str(var),
+        "APIMART_BASE_URL": sim.base_url,
+        "APIMART_API_KEY": TEST_KEY,
+        "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator
+        **extra,
+    }
 
 
 @pytest.fixture

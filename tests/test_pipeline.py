@@ -245,7 +245,7 @@ def test_a_submit_writes_the_pipeline_and_its_steps_as_the_models_define_them(
     fields = request_fields(copy_model="claude-haiku", callback_url="https://hooks.example.com/done")
     accepted = Genline(runtime=rt).submit(fields)
     assert accepted.created and accepted.status == "pending"
-    request = validate_request(fields, rt.catalog)
+    request = validate_request(fields, rt.catalog, upload_dirs=rt.settings.upload_dirs)
     with rt.db.transaction() as s:
         p = s.get_one(Pipeline, accepted.pipeline_id)
         steps = s.scalars(select(Step).where(Step.pipeline_id == p.id).order_by(Step.position)).all()

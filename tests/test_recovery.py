@@ -138,7 +138,12 @@ def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link
         api_key=key, image_seconds=0.5, video_seconds=1, url_ttl_s=90, video_bytes=1 << 20, download_bytes_per_s=131072
     )
     with start_simulator(config) as sim:
-        env = {"GENLINE_VAR_DIR": str(tmp_path / "var"), "APIMART_BASE_URL": sim.base_url, "APIMART_API_KEY": key}
+        env = {
+            "GENLINE_VAR_DIR": str(tmp_path / "var"),
+            "APIMART_BASE_URL": sim.base_url,
+            "APIMART_API_KEY": key,
+            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator
+        }
         settings = load_settings(env)
         upgrade(settings.database_url)
         group = ProcessGroup(log_dir=tmp_path / "logs", env=env)

@@ -19,11 +19,21 @@ from genline.storage.models import Pipeline, Step
 
 CATALOG = load_catalog()
 RequestFn = Callable[..., dict[str, Any]]
+UPLOADS: list[Path] = []  # this test's upload folder (request_fields' image lives there)
+
+
+@pytest.fixture(autouse=True)
+def uploads(upload_dir: Path) -> None:
+    UPLOADS[:] = [upload_dir]
+
+
+def _validate(fields: dict[str, Any]) -> Any:
+    return validate_request(fields, CATALOG, upload_dirs=tuple(UPLOADS))
 
 
 def _check(fields: dict[str, Any], code: str, field: str) -> ValidationError:
     with pytest.raises(ValidationError) as info:
-        validate_request(fields, CATALOG)
+        _validate(fields)
     assert (info.value.code, info.value.field) == (code, field)
     assert info.value.message.endswith(".") and "\n" not in info.value.message
     return info.value
@@ -38,20 +48,24 @@ def test_oversized_description(request_fields: RequestFn) -> None:
     assert "2001" in err.message and "2000" in err.message
 
 
-def test_image_that_is_not_an_image_by_its_bytes(request_fields: RequestFn, tmp_path: Path) -> None:
-    fake = tmp_path / "photo.png"
+def test_image_that_is_not_an_image_by_its_bytes(request_fields: RequestFn, upload_dir: Path) -> None:
+    fake = upload_dir / "photo.png"
     fake.write_bytes(b"GIF89a not really a png")
     _check(request_fields(image=str(fake)), "image_unsupported_type", "image")
 
 
-def test_image_over_ten_megabytes(request_fields: RequestFn, tmp_path: Path) -> None:
-    big = tmp_path / "big.png"
+def test_image_over_ten_megabytes(request_fields: RequestFn, upload_dir: Path) -> None:
+    big = upload_dir / "big.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (10 * 1024 * 1024))
     _check(request_fields(image=str(big)), "image_too_large", "image")
 
 
-def test_missing_image_file(request_fields: RequestFn, tmp_path: Path) -> None:
-    _check(request_fields(image=str(tmp_path / "gone.jpg")), "image_not_found", "image")
+def test_missing_image_file_in_the_upload_folder(request_fields: RequestFn, upload_dir: Path) -> None:
+    _check(request_fields(image=str(upload_dir / "gone.jpg")), "image_not_found", "image")
+
+
+def test_missing_image_file_outside_the_upload_folder_is_not_allowed(request_fields: RequestFn, tmp_path: Path) -> None:
+    _check(request_fields(image=str(tmp_path / "gone.jpg")), "image_path_not_allowed", "image")
 
 
 def test_image_field_absent(request_fields: RequestFn) -> None:
@@ -64,17 +78,19 @@ def test_image_url_that_is_not_http(request_fields: RequestFn) -> None:
     _check(request_fields(image="ftp://example.com/a.png"), "image_url_scheme", "image")
 
 
-def test_jpeg_and_webp_are_accepted_by_their_bytes(request_fields: RequestFn, tmp_path: Path) -> None:
-    jpeg = tmp_path / "a.bin"
-    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
-    webp = tmp_path / "b.jpg"
-    webp.write_bytes(b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 100)
-    assert validate_request(request_fields(image=str(jpeg)), CATALOG).image.content_type == "image/jpeg"
-    assert validate_request(request_fields(image=str(webp)), CATALOG).image.content_type == "image/webp"
+def test_jpeg_and_webp_are_accepted_by_their_bytes(request_fields: RequestFn, upload_dir: Path) -> None:
+    from PIL import Image
+
+    jpeg = upload_dir / "a.bin"
+    Image.new("RGB", (24, 16), (200, 120, 40)).save(jpeg, "JPEG")
+    webp = upload_dir / "b.jpg"
+    Image.new("RGB", (24, 16), (40, 120, 200)).save(webp, "WEBP")
+    assert _validate(request_fields(image=str(jpeg))).image.content_type == "image/jpeg"
+    assert _validate(request_fields(image=str(webp))).image.content_type == "image/webp"
 
 
 def test_http_image_url_is_accepted(request_fields: RequestFn) -> None:
-    assert validate_request(request_fields(image="https://cdn.example.com/mug.jpg"), CATALOG).image.url
+    assert _validate(request_fields(image="https://cdn.example.com/mug.jpg")).image.url
 
 
 def test_unknown_profile(request_fields: RequestFn) -> None:

@@ -40,6 +40,7 @@ def test_twenty_pipelines_on_redis_postgres_s3_and_the_simulator(
             "GENLINE_S3_ENDPOINT_URL": moto.endpoint_url,
             "APIMART_BASE_URL": sim.base_url,
             "APIMART_API_KEY": TEST_KEY,
+            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator
             "GENLINE_POLL_INTERVAL_S": "0.2",
             "GENLINE_LOG_LEVEL": "INFO",
             "AWS_ACCESS_KEY_ID": "testing",
