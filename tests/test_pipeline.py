@@ -25,7 +25,6 @@ from genline.config.constants import StepStatus
 from genline.config.errors import IdempotencyConflict
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
-from genline.pipelines.dispatch import MemoryDispatcher
 from genline.pipelines.engine import run_step
 from genline.pipelines.request import validate_request
 from genline.pipelines.runtime import Runtime
@@ -36,7 +35,7 @@ from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
 from genline.workers.drain import drain
 from lab.chaos_faults import drop_pg_connections
 from tests.conftest import TEST_KEY
-from tests.support.drive import sim_stats
+from tests.support.drive import next_nudge, nudges, sim_stats
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -47,18 +46,6 @@ def sim_task(sim: SimulatorHandle, task_id: str) -> dict[str, Any]:
 
 def sim_post(sim: SimulatorHandle, path: str, body: dict[str, Any]) -> None:
     httpx.post(f"{sim.base_url}{path}", json=body).raise_for_status()
-
-
-def nudges(rt: Runtime) -> MemoryDispatcher:
-    """The in-memory broker of drain mode (the ``rt`` fixtures'), whose nudges a test can take by hand."""
-    assert isinstance(rt.dispatcher, MemoryDispatcher)
-    return rt.dispatcher
-
-
-def next_nudge(rt: Runtime) -> str:
-    step_id = nudges(rt).pop()
-    assert step_id is not None, "no step was nudged"
-    return step_id
 
 
 def run_one(rt: Runtime, fields: dict[str, Any]) -> dict[str, Any]:
