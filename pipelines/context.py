@@ -36,9 +36,11 @@ class StepContext:
     deadline_at: datetime | None = None  # copy steps: when the provider's links expire
     prepared: Any = None  # what the step's prepare hook found or did in the claiming transaction
     first_run: bool = False  # no earlier run of this step left rows behind (provider jobs, stored objects)
+    no_cache: bool = False  # the request asked for a fresh answer, not the copy cache's
+    batch: bool = False  # overnight batch work (priority "batch"): the provider's batch price and mode
 
     def call(self, model: str | None) -> CallContext:
-        return CallContext(self.user_id, self.feature, self.pipeline_id, self.step_id, model)
+        return CallContext(self.user_id, self.feature, self.pipeline_id, self.step_id, model, batch=self.batch)
 
     def candidates(self, step: str, listed: tuple[str, ...]) -> list[str]:
         """Models to try, in order: the one asked for, then the profile's list."""

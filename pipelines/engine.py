@@ -161,6 +161,8 @@ _CLAIM_COLUMNS = (
     PIPELINES.c.models,
     PIPELINES.c.priority,
     PIPELINES.c.callback_url,
+    PIPELINES.c.no_cache,
+    PIPELINES.c.batch_window,
 )
 
 
@@ -328,6 +330,8 @@ def _begin(rt: Runtime, step_id: str) -> Claim | None:
             outputs={x.kind: dict(x.output or {}) for x in earlier},
             deadline_at=me.deadline_at,
             first_run=not me.left_behind,
+            no_cache=bool(me.no_cache),
+            batch=me.priority == "batch",
         )
         prepare = PREPARE.get(ctx.kind)
         if prepare is not None:

@@ -43,6 +43,10 @@ class CallContext:
     pipeline_id: str | None = None
     step_id: str | None = None
     model: str | None = None
+    batch: bool = False  # overnight batch work: priced and submitted at the provider's batch rate
+    # The most this call can cost (set by the gateway from the catalog before the stages run): what
+    # the budget stage checks against the pipeline's reservation.
+    cost_bound_usd: Decimal | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -91,6 +92,13 @@ class Pipeline(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Money (pipelines/spend.py): the estimate by step as accepted, and what the pipeline has
+    # reserved against the spend caps (the estimate, plus any top-up a costlier fallback needed).
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    reserved_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
+    no_cache: Mapped[bool] = mapped_column(default=False, server_default=false())  # the request's no_cache
+    promoted_from: Mapped[str | None] = mapped_column(String(40))  # the draft this pipeline renders again
+    batch_window: Mapped[str | None] = mapped_column(String(16))  # "HH:MM-HH:MM" (UTC): runs only inside it
 
     steps: Mapped[list[Step]] = relationship(back_populates="pipeline", order_by="Step.position", lazy="select")
 
@@ -198,6 +206,52 @@ class ProviderCall(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     units: Mapped[float | None] = mapped_column()
     cost_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0))
+    # The call's outcome is unknown (it timed out after it was sent): ``cost_usd`` is an estimate.
+    cost_estimated: Mapped[bool] = mapped_column(default=False, server_default=false())
+    cache_hit: Mapped[bool] = mapped_column(default=False, server_default=false())  # answered from the cache
+
+
+class SpendCap(Base):
+    """One cap's ledger for one subject and one period: what is reserved and what is spent against
+    ``limit_usd``. ``reserved_usd + spent_usd`` never passes the limit by a reservation (every
+    reservation is one conditional UPDATE of this row); see ``pipelines/spend.py``."""
+
+    __tablename__ = "spend_caps"
+
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)  # scope|subject|period|period_start
+    scope: Mapped[str] = mapped_column(String(16))  # global | user | feature
+    subject: Mapped[str] = mapped_column(String(128))  # the user id or feature; "*" for global
+    period: Mapped[str] = mapped_column(String(8))  # day | month
+    period_start: Mapped[str] = mapped_column(String(10))  # ISO date (UTC) the period began
+    limit_usd: Mapped[Decimal] = mapped_column(MONEY)
+    reserved_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
+    spent_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
+    alerted_pct: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # highest alert sent
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SpendHold(Base):
+    """What one pipeline still holds reserved against one cap's ledger row."""
+
+    __tablename__ = "spend_holds"
+
+    pipeline_id: Mapped[str] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"), primary_key=True)
+    cap_id: Mapped[str] = mapped_column(ForeignKey("spend_caps.id"), primary_key=True)
+    held_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
+
+
+class CopyCacheEntry(Base):
+    """A copy-step answer kept for reuse (the database backend of ``pipelines/cache.py``)."""
+
+    __tablename__ = "copy_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of model, messages, parameters
+    model: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class SharedEntry(Base):
