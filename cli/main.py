@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 
-from genline.cli.output import EXIT_FAILED, describe_status, emit_json, fail
+from genline.cli.boundary import GenlineGroup  # what escapes a subcommand: one error line, exit 2 or 3
+from genline.cli.output import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FAILED, describe_status, emit_json, fail, printable
 from genline.cli.progress import wait_for
 from genline.config.errors import GenlineError, ValidationError
 from genline.config.logging import configure_logging
@@ -42,7 +43,7 @@ def _api() -> Any:
     return Genline(_settings_with_state())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=GenlineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option("0.1.0", prog_name="genline")
 def cli() -> None:
     """genline turns one product photo and description into marketing copy, an image and a
@@ -163,10 +164,22 @@ def submit(file: Path | None, wait: bool, as_json: bool, **fields: Any) -> None:
                 "idempotency_key": request["idempotency_key"],
                 "status": accepted.status,
             }
-            if not as_json:
-                note = "new" if accepted.created else "already submitted with this key"
+            if accepted.estimated_cost_usd is not None:
+                result["estimated_cost_usd"] = str(accepted.estimated_cost_usd)
+            if not accepted.created:
+                result["note"] = _resubmitted(accepted.pipeline_id, accepted.status)
+            if not as_json and not accepted.created and accepted.status in ("failed", "cancelled"):
+                click.echo(result["note"])  # not "Accepted": nothing was started
+            elif not as_json:
+                note = "new" if accepted.created else f"already submitted with this key; it is {accepted.status}"
+                estimate = (
+                    f" Estimated cost ${accepted.estimated_cost_usd:.4f}."
+                    if accepted.estimated_cost_usd is not None
+                    else ""
+                )
                 click.echo(
-                    f"Accepted pipeline {accepted.pipeline_id} ({note}); idempotency key {request['idempotency_key']}."
+                    f"Accepted pipeline {accepted.pipeline_id} ({note}); idempotency key "
+                    f"{request['idempotency_key']}.{estimate}"
                 )
             if wait:
                 final = wait_for([accepted.pipeline_id], api.status, show=not as_json)[accepted.pipeline_id]
@@ -179,6 +192,16 @@ def submit(file: Path | None, wait: bool, as_json: bool, **fields: Any) -> None:
         emit_json(result)
     if wait and result.get("status") != "succeeded":
         sys.exit(EXIT_FAILED)
+
+
+def _resubmitted(pipeline_id: str, status: str) -> str:
+    """What a key used before means: that pipeline, as it is; an ended one is not run again."""
+    if status in ("failed", "cancelled"):
+        return (
+            f"Pipeline {pipeline_id} was already submitted with this idempotency key and it {status}; "
+            "nothing new was started. To run it again, submit with a new --idempotency-key."
+        )
+    return f"already submitted with this key; it is {status}"
 
 
 @cli.command()
@@ -205,6 +228,17 @@ def cancel(pipeline_id: str, as_json: bool) -> None:
             result = api.cancel(pipeline_id)
     except GenlineError as err:
         fail(err, as_json=as_json)
+    refused = result.get("provider_cancel_errors") or []
+    if refused:  # cancelled here, but the provider was asked in vain to stop a job: not a success
+        first = refused[0]
+        error = {
+            "code": first["code"],
+            "field": None,
+            "message": f"The provider did not stop {len(refused)} job(s) of pipeline {pipeline_id}: "
+            f"{first['message'][:1].lower()}{first['message'][1:].rstrip('.')}. They run to their end and their "
+            "cost is recorded.",
+        }
+        result["error"] = error
     if as_json:
         emit_json(result)
     else:
@@ -212,25 +246,32 @@ def cancel(pipeline_id: str, as_json: bool) -> None:
             f"Cancelled pipeline {pipeline_id}: {result['provider_jobs_cancelled']} provider job(s) "
             f"stopped, {result['provider_jobs_left_running']} left to finish (their cost is recorded)."
         )
+    if refused:
+        if not as_json:
+            click.echo(f"error [{printable(error['code'])}]: {printable(error['message'])}", err=True)
+        sys.exit(EXIT_BAD_INPUT if error["code"] == "provider_key_invalid" else EXIT_ERROR)
 
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--strict", is_flag=True, help="Submit nothing if any line is bad.")
-@click.option("--wait", is_flag=True, help="Stay and show progress until every pipeline ends.")
+@click.option("--wait", is_flag=True, help="Stay and show progress and the running cost until every pipeline ends.")
+@click.option("--window", help="Start the pipelines only inside this UTC window, HH:MM-HH:MM (e.g. 01:00-06:00).")
+@click.option("--retry-failed", is_flag=True, help="Submit again, under new keys, the lines whose pipelines failed.")
 @JSON_OPT
-def batch(path: Path, strict: bool, wait: bool, as_json: bool) -> None:
+def batch(path: Path, strict: bool, wait: bool, window: str | None, retry_failed: bool, as_json: bool) -> None:
     """Submit one pipeline per line of a JSON Lines file (blank lines and # comments skipped).
 
-    Each line is a request with the same fields as `submit`, including its idempotency_key, so
-    submitting the same file again creates nothing new. Bad lines are reported by line number;
-    the exit code is 2 if any line was bad.
+    Lines run as batch work (their own queue, the provider's batch price, a few workers at most)
+    unless a line sets its priority. Each line's idempotency_key (derived from the line when it
+    has none) means submitting the same file again creates nothing new. Bad lines are reported by
+    line number; the exit code is 2 if any line was bad. The summary names every line's pipeline.
     """
     from genline.cli.batch import run_batch
 
     try:
         _settings_with_state()
-        sys.exit(run_batch(path, strict=strict, wait=wait, as_json=as_json))
+        sys.exit(run_batch(path, strict=strict, wait=wait, as_json=as_json, window=window, retry_failed=retry_failed))
     except GenlineError as err:
         fail(err, as_json=as_json)
 
@@ -279,10 +320,30 @@ def _without_password(url: str) -> str:
 
 def _register_subcommands() -> None:
     from genline.cli.demo import demo
+    from genline.cli.golden import golden
+    from genline.cli.money import caps
     from genline.cli.services import db, flower, poller, simulator, worker
 
-    for command in (demo, worker, poller, simulator, db, flower):
+    for command in (demo, worker, poller, simulator, db, flower, caps):
         cli.add_command(command)
+    cli.add_command(golden)  # the prompt templates' golden set and cost gate (docs/PROMPTS.md)
+    from genline.cli.estimate import estimate
+
+    cli.add_command(estimate)  # what a pipeline costs, by step, before it is submitted
+    from genline.cli.promote import promote
+
+    cli.add_command(promote)  # a finished draft rendered again on a costlier profile (pipelines/promote.py)
+    from genline.cli.metrics import metrics
+
+    cli.add_command(metrics)  # Prometheus's /metrics for workers, pollers and state (docs/METRICS.md)
+    from genline.cli.listing import cancel_many, list_cmd, retry, retry_many
+    from genline.cli.report import report
+
+    for command in (report, list_cmd, retry, cancel_many, retry_many):  # health report; list, retry, bulk forms
+        cli.add_command(command)
+    from genline.cli.retention import retention
+
+    cli.add_command(retention)  # outputs and audit rows past their feature's retention (pipelines/retention.py)
 
 
 _register_subcommands()

@@ -61,10 +61,21 @@ def describe_status(status: dict[str, Any]) -> str:
         extra = f" via {p(step['model'])}" if step.get("model") else ""
         err = f" — {p(step['error']['message'])}" if step.get("error") else ""
         lines.append(f"  {p(step['kind']):<6} {p(step['status']):<10} {step['progress']:>3}%{extra}{err}")
-    if status.get("video"):
-        lines.append(f"  video: {p(status['video']['location'])} ({p(status['video']['size'])} bytes)")
+    if (video := status.get("video")) and video.get("removed_at"):
+        lines.append(f"  video: removed by retention on {p(video['removed_at'])}")
+    elif video:
+        lines.append(f"  video: {p(video['location'])} ({p(video['size'])} bytes)")
     if status.get("error"):
         lines.append(f"  reason [{p(status['error']['code'])}]: {p(status['error']['message'])}")
+    if status.get("promoted_from"):
+        lines.append(f"  promoted from {p(status['promoted_from'])} (its copy and image reused)")
+    if status.get("batch_window"):
+        lines.append(f"  batch window {p(status['batch_window'])} UTC: runs only inside it")
     for flag, names in (status.get("flags") or {}).items():  # what screening found in the description
         lines.append(f"  flag {p(flag)}: {', '.join(p(n) for n in names)}")
+    if cb := status.get("callback"):  # the callback_url's webhook: waiting, pending, delivered or failed
+        tries = f", {cb['attempts']} {'try' if cb['attempts'] == 1 else 'tries'}" if cb["attempts"] else ""
+        last = f" — last: {p(cb['last_error'])}" if cb.get("last_error") else ""
+        nxt = f" (next try {p(cb['next_try_at'])})" if cb["state"] == "pending" and cb.get("next_try_at") else ""
+        lines.append(f"  callback: {p(cb['state'])}{tries}{last}{nxt}")
     return "\n".join(lines)

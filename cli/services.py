@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ def _ready(settings: Any) -> None:
     """Start-up checks of a long-running part: the database exists, answers and has genline's
     schema. A failure is a plain error with its code (exit 2), not a traceback, and a SQLite file
     that is not there is not created (nor its folder) only to be found empty."""
+    from genline.config.boundary import check_ready
     from genline.storage.db import Database
     from genline.storage.migrate import require_current, require_database
 
@@ -39,8 +41,18 @@ def _ready(settings: Any) -> None:
         require_database(settings.database_url, var_dir=settings.var_dir)
         Database(settings.database_url).check()
         require_current(settings.database_url, var_dir=settings.var_dir)
+        check_ready(settings, provider_key=True)  # broker, bucket and key answer (config/boundary.py)
     except GenlineError as err:
         fail(err, as_json=False)
+
+
+def _count_in_shared_files(settings: Any) -> None:
+    """Prometheus counts of this process and every prefork child it starts go to files of their
+    own under GENLINE_METRICS_DIR (PROMETHEUS_MULTIPROC_DIR, set and cleared here), which
+    ``genline metrics`` adds up: one child's counts alone would be a fraction of the truth."""
+    from genline.provider.metrics import metrics_root, use_process_dir
+
+    use_process_dir(metrics_root(settings))
 
 
 @click.command()
@@ -63,6 +75,7 @@ def worker(queues: str, concurrency: int | None, hostname: str | None, loglevel:
     from genline.tasks.task import celery_app
 
     _ready(settings)
+    _count_in_shared_files(settings)
     app = celery_app(settings)
     argv = [
         "worker",
@@ -92,6 +105,7 @@ def poller(once: bool) -> None:
     from genline.workers.poller import Poller
 
     _ready(settings)
+    _count_in_shared_files(settings)
     rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
     the_poller = Poller(rt)
 
@@ -190,12 +204,35 @@ def upgrade() -> None:
     click.echo(f"database at revision {current(settings.database_url)}")
 
 
+OAUTH_VARIABLES = ("FLOWER_AUTH", "FLOWER_OAUTH2_KEY", "FLOWER_OAUTH2_SECRET", "FLOWER_OAUTH2_REDIRECT_URI")
+
+
+def _loopback(address: str) -> bool:
+    """Whether Flower listening on ``address`` is reachable from this machine only. A host name
+    other than localhost, or "" (every address), is not."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 @click.command()
 @click.option("--port", default=5555, show_default=True, type=int, help="Port for Flower's web UI.")
-@click.option("--address", default="127.0.0.1", show_default=True, help="Address for Flower's web UI.")
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address for Flower's web UI; beyond loopback only with authentication [GENLINE_FLOWER_BASIC_AUTH].",
+)
 def flower(port: int, address: str) -> None:
     """Run Flower, the operator's view of workers and tasks (needs a Redis or AMQP broker:
-    the embedded broker cannot send events). Tasks carry only step ids, never payloads or keys."""
+    the embedded broker cannot send events). Tasks carry only ids, never payloads or keys.
+
+    Authentication: GENLINE_FLOWER_BASIC_AUTH (user:password), or Flower's own OAuth variables
+    (FLOWER_AUTH, FLOWER_OAUTH2_KEY, FLOWER_OAUTH2_SECRET, FLOWER_OAUTH2_REDIRECT_URI, and
+    FLOWER_AUTH_PROVIDER). Flower's /metrics and /healthcheck answer without it (docs/OPERATORS.md)."""
     settings = _settings()
     if settings.embedded_broker:
         click.echo(
@@ -204,8 +241,21 @@ def flower(port: int, address: str) -> None:
             err=True,
         )
         sys.exit(2)
-    os.execv(
+    env = dict(os.environ)
+    if settings.flower_basic_auth:  # to Flower through its environment, never its argv (ps shows argv)
+        env["FLOWER_BASIC_AUTH"] = ",".join(credential.reveal() for credential in settings.flower_basic_auth)
+    authenticated = bool(env.get("FLOWER_BASIC_AUTH")) or all(env.get(name) for name in OAUTH_VARIABLES)
+    if not authenticated and not _loopback(address):
+        click.echo(
+            f"error [invalid_config]: Flower would listen on {address or 'every address'} without "
+            "authentication; set GENLINE_FLOWER_BASIC_AUTH=user:password (or Flower's OAuth variables: "
+            f"{', '.join(OAUTH_VARIABLES)}), or listen on 127.0.0.1.",
+            err=True,
+        )
+        sys.exit(2)
+    os.execve(
         sys.executable,
         [sys.executable, "-m", "celery", "-A", "genline.tasks.worker:flower", "flower"]
         + [f"--port={port}", f"--address={address}"],
+        env,
     )

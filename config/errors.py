@@ -8,7 +8,8 @@ a plain-English ``message`` and, where one field of a request is to blame, that 
     │   ├── ValidationError       one field of a pipeline request is invalid
     │   ├── IdempotencyConflict   the key was used before for a different request
     │   ├── NotFound              no pipeline with that id
-    │   └── InvalidState          the pipeline cannot do that now (e.g. cancel a finished one)
+    │   ├── InvalidState          the pipeline cannot do that now (e.g. cancel a finished one)
+    │   └── SpendCapExceeded      the pipeline would cross a spend cap: wait for the period, or raise the cap
     ├── ConfigError               the operator's settings are wrong: refuse to start
     ├── ProviderError             a call to the AI provider failed
     │   ├── RetryableProviderError    try again later, with backoff
@@ -80,6 +81,13 @@ class NotFound(UserError):
     code = "not_found"
 
 
+class SpendCapExceeded(UserError):
+    """Accepting the pipeline (or a paid call of it) would cross a spend cap. ``field`` names what
+    the cap is kept per (``user_id``, ``feature``), or is None for a global cap."""
+
+    code = "spend_cap_exceeded"
+
+
 class InvalidState(UserError):
     code = "invalid_state"
 
@@ -108,6 +116,9 @@ class ProviderError(GenlineError):
         self.request_id = request_id
         #: The HTTP answer that carried this error, when there was one (for the gateway's audit).
         self.answer: Answer | None = None
+        #: The request reached the provider but its answer never came back (a read timeout, a
+        #: connection lost mid-answer): the provider may have done, and billed, the work.
+        self.outcome_unknown = False
 
 
 class RetryableProviderError(ProviderError):

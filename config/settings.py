@@ -8,6 +8,8 @@ no-op: a misspelled setting must never fall back to a default unnoticed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import os
 import re
@@ -71,6 +73,20 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 10 * 365 * 86400:  # also refuses nan and inf
+        raise ValueError("must be a number of seconds from 0 to 315360000 (ten years)")
+    return value
+
+
+def _poll_schedule(raw: str) -> str:
+    value = raw.lower()
+    if value not in {"expected", "fixed"}:
+        raise ValueError("must be expected or fixed")
+    return value
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -129,6 +145,42 @@ def _folders(raw: str) -> tuple[Path, ...] | None:
     """Folders separated by ``os.pathsep`` (``:``), resolved now; empty for the default."""
     folders = tuple(Path(part.strip()).expanduser().resolve() for part in raw.split(os.pathsep) if part.strip())
     return folders or None
+
+
+def _webhook_url(raw: str) -> str | None:
+    """An http(s) URL kept exactly as written (a receiver's path may end in a slash); empty: none."""
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError("must be an http(s) URL such as https://ops.example.com/hooks/genline")
+    return raw
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def webhook_secrets(raw: str | None) -> tuple[Secret, ...]:
+    """GENLINE_WEBHOOK_SECRET: one or more ``whsec_<base64>`` secrets (Standard Webhooks), separated
+    by spaces or commas; each decodes to 24 to 64 random bytes. The first signs; all sign while a
+    rotation is under way. A bad one is named by its position, never shown."""
+    secrets: list[Secret] = []
+    for n, part in enumerate((raw or "").replace(",", " ").split(), start=1):
+        where = f"GENLINE_WEBHOOK_SECRET's secret number {n}"
+        if not part.startswith(WEBHOOK_SECRET_PREFIX):
+            raise ConfigError(f"{where} does not start with {WEBHOOK_SECRET_PREFIX} (write whsec_ then base64).")
+        body = part[len(WEBHOOK_SECRET_PREFIX) :]
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)  # padding optional
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where} is not base64 after its whsec_ prefix.") from None
+        if not 24 <= len(key) <= 64:
+            raise ConfigError(
+                f"{where} decodes to {len(key)} bytes; the Standard Webhooks scheme wants 24 to 64 random bytes "
+                "(e.g. whsec_ followed by the output of `openssl rand -base64 32`)."
+            )
+        secrets.append(Secret(part))
+    return tuple(secrets)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -210,6 +262,17 @@ SETTINGS: tuple[Setting, ...] = (
         "2",
         "Seconds between two polls of one provider job.",
         _positive_float,
+    ),
+    Setting(
+        "GENLINE_POLL_SCHEDULE",
+        "poll_schedule",
+        "expected",
+        "expected: a job's first poll comes near its expected finish (the provider's estimate, else "
+        "the model's recent median render time, else GENLINE_POLL_INTERVAL_S), the job's progress "
+        "refines it, then every GENLINE_POLL_INTERVAL_S; fixed: every GENLINE_POLL_INTERVAL_S from "
+        "the submit on (less often only early in a render far longer than that, or long past its "
+        "estimate).",
+        _poll_schedule,
     ),
     Setting(
         "GENLINE_HTTP_TIMEOUT_S",
@@ -312,7 +375,10 @@ SETTINGS: tuple[Setting, ...] = (
         "GENLINE_PROVIDER_RATE_PER_S",
         "provider_rate_per_s",
         "50",
-        "Paid provider calls per second, shared by all workers (Redis token bucket).",
+        "Requests a second the provider allows genline's key. Every call draws from one budget shared "
+        "by every process (Redis, else the database): chats, submits, cancels and result downloads "
+        "first, polls next, batch work last; genline keeps 10% below it, and a 429 or a low "
+        "x-ratelimit-remaining tightens it for a while.",
         _positive_float,
     ),
     Setting(
@@ -384,11 +450,87 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("GENLINE_WORKER_CONCURRENCY", "worker_concurrency", "2", "Processes per Celery worker.", _positive_int),
     Setting(
+        "GENLINE_BATCH_MAX_RUNNING",
+        "batch_max_running",
+        "2",
+        "Most steps of batch pipelines (priority batch, `genline batch`) running at once across all "
+        "workers; the others wait their turn, so interactive work keeps its workers.",
+        _positive_int,
+    ),
+    Setting(
+        "GENLINE_BATCH_THROTTLE_S",
+        "batch_throttle_s",
+        "5",
+        "How long a batch step waits (with jitter) when GENLINE_BATCH_MAX_RUNNING batch steps are "
+        "already running; the sweeper sends it again then.",
+        _positive_float,
+    ),
+    Setting(
         "GENLINE_RESULT_TTL_S",
         "result_ttl_s",
         "86400",
         "Assumed life of a provider result URL when it gives no expires_at.",
         _positive_float,
+    ),
+    Setting(
+        "GENLINE_COPY_CACHE_TTL_S",
+        "copy_cache_ttl_s",
+        "604800",
+        "How long a copy answer is reused for the same model, prompt and parameters (7 days); 0 turns "
+        "the copy cache off. Redis on the production footprint, else the database.",
+        _non_negative_seconds,
+    ),
+    Setting(
+        "GENLINE_WEBHOOK_SECRET",
+        "webhook_secrets",
+        "",
+        "Signing secret(s) of the callbacks and alerts genline POSTs (Standard Webhooks: `whsec_` and "
+        "24-64 base64 bytes). Several, separated by spaces or commas, during a rotation: each signs, "
+        "the first is the new one. Empty: sent unsigned (docs/WEBHOOKS.md).",
+        _optional,
+    ),
+    Setting(
+        "GENLINE_ALERT_WEBHOOK_URL",
+        "alert_webhook_url",
+        "",
+        "Operators' URL that alerts are POSTed to (paused account, copy at risk, spend cap reached), "
+        "signed and retried like callbacks. Empty: alerts are log lines only.",
+        _webhook_url,
+    ),
+    Setting(
+        "GENLINE_WEBHOOK_RETRY_FOR_S",
+        "webhook_retry_for_s",
+        "86400",
+        "How long a callback or alert that is not answered with a 2xx is tried again (5 s, 5 min, "
+        "30 min, 2 h, 5 h, 10 h, ... after its first try), before it is marked failed for good.",
+        _non_negative_seconds,
+    ),
+    Setting(
+        "GENLINE_RETENTION_EVERY_S",
+        "retention_every_s",
+        "3600",
+        "Seconds between retention passes of the pollers' sweeper (one pass across all pollers): "
+        "stored outputs and audit rows past their feature's outputs_days / audit_days go, and "
+        "multipart uploads left unfinished for a day are aborted (`genline retention`).",
+        _positive_float,
+    ),
+    Setting(
+        "GENLINE_METRICS_DIR",
+        "metrics_dir",
+        "",
+        "Folder where workers and pollers keep their Prometheus counters for `genline metrics` "
+        "(one subfolder per process tree, cleared when it starts; share it between the machines' "
+        "processes and the exporter). Default: the metrics folder in GENLINE_VAR_DIR.",
+        _optional,
+    ),
+    Setting(
+        "GENLINE_FLOWER_BASIC_AUTH",
+        "flower_basic_auth",
+        "",
+        "`user:password` that `genline flower` asks for (HTTP basic auth; several separated by commas). "
+        "A secret: never printed. Required to listen beyond loopback unless Flower's OAuth is set "
+        "(docs/OPERATORS.md).",
+        _optional,
     ),
     Setting("GENLINE_LOG_LEVEL", "log_level", "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
 )
@@ -410,6 +552,7 @@ class Settings:
     provider_api_key: Secret | None = field(repr=False)
     catalog_file: str | None
     poll_interval_s: float
+    poll_schedule: str
     http_timeout_s: float
     http_connect_timeout_s: float
     allow_private_hosts: tuple[PrivateHost, ...]
@@ -434,8 +577,17 @@ class Settings:
     sweep_after_s: float
     visibility_timeout_s: int
     worker_concurrency: int
+    batch_max_running: int
+    batch_throttle_s: float
     result_ttl_s: float
+    copy_cache_ttl_s: float
+    webhook_secrets: tuple[Secret, ...] = field(repr=False)
+    alert_webhook_url: str | None
+    webhook_retry_for_s: float
     log_level: str
+    flower_basic_auth: tuple[Secret, ...] = field(default=(), repr=False)
+    metrics_dir: str | None = None  # GENLINE_METRICS_DIR; None: <var_dir>/metrics (provider/metrics.py)
+    retention_every_s: float = 3600.0  # GENLINE_RETENTION_EVERY_S (pipelines/retention.py)
 
     @property
     def embedded_broker(self) -> bool:
@@ -458,6 +610,7 @@ class Settings:
             "GENLINE_UPLOAD_DIRS": os.pathsep.join(str(folder) for folder in self.upload_dirs),
             "APIMART_BASE_URL": self.provider_base_url,
             "GENLINE_POLL_INTERVAL_S": repr(self.poll_interval_s),
+            "GENLINE_POLL_SCHEDULE": self.poll_schedule,
             "GENLINE_LOG_LEVEL": self.log_level,
         }
         if self.s3_endpoint_url:
@@ -517,7 +670,30 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     register_secret(key)
     for name in ("database_url", "broker_url", "storage_url", "s3_endpoint_url", "provider_base_url"):
         register_secret(url_password(values[name]))
+    values["webhook_secrets"] = webhook_secrets(values["webhook_secrets"])
+    for secret in values["webhook_secrets"]:  # never in a log line, a row or an error text
+        register_secret(secret.reveal())
+        register_secret(secret.reveal()[len(WEBHOOK_SECRET_PREFIX) :])
+    register_secret(url_password(values["alert_webhook_url"]))
+    values["flower_basic_auth"] = flower_credentials(values["flower_basic_auth"])
+    for credential in values["flower_basic_auth"]:  # its password: never in a log line or an error text
+        register_secret(credential.reveal().partition(":")[2])
     return Settings(**values)
+
+
+def flower_credentials(raw: str | None) -> tuple[Secret, ...]:
+    """GENLINE_FLOWER_BASIC_AUTH: ``user:password`` entries separated by commas (Flower's own
+    format); the error names the entry by number, never its text."""
+    credentials: list[Secret] = []
+    for n, entry in enumerate(raw.split(",") if raw else [], start=1):
+        user, colon, password = entry.strip().partition(":")
+        if not (user and colon and password):
+            raise ConfigError(
+                f"GENLINE_FLOWER_BASIC_AUTH's entry number {n} is not user:password "
+                "(a user name, a colon, then a password; entries separated by commas)."
+            )
+        credentials.append(Secret(entry.strip()))
+    return tuple(credentials)
 
 
 def url_password(url: str | None) -> str | None:

@@ -23,6 +23,7 @@ from genline.config.errors import (
     IdempotencyConflict,
     InvalidState,
     NotFound,
+    SpendCapExceeded,
     UserError,
     ValidationError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidState",
     "NotFound",
+    "SpendCapExceeded",
     "UserError",
     "ValidationError",
 ]

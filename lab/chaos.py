@@ -75,7 +75,9 @@ def chaos(pipelines: int | None, quick: bool, timeout_s: float | None, out: Path
       duplicate_paid_jobs == 0              the simulator's own count of jobs created twice
       stored_objects_verified == succeeded  each stored video's sha256 equals the provider's
       lost_outputs == 0                     no succeeded pipeline's video is missing or different
-      spend_recorded_usd == spend_billed_by_provider_usd, to the cent
+      |spend_recorded_usd - spend_billed_by_provider_usd| < $0.001
+      users_over_cap == 0                   a per-user daily cap (fit to ~85% of each seller's
+                                            pipelines) held; it refused the rest at submit
       secrets_found_in_logs == 0            the API key is in no log line, DB row or Redis key
       max_recovery_wait_s <= 90             a killed worker's step ran again within 90 s
       and every planned kill and restart really happened.

@@ -15,7 +15,8 @@ database is terminated once.
 
 What is checked at the end (see ``workers/chaos_verify.py``): every pipeline ended, none failed
 without a reason, no provider job was paid twice, every stored video is byte-identical to the
-provider's and none was lost, recorded spend equals the provider's bill to the cent, and the API
+provider's and none was lost, recorded spend is within $0.001 of the provider's bill, a per-user
+spend cap held (and refused the pipelines past it), and the API
 key is in no log line, database row or Redis key. The figures go to ``var/chaos/latest.json``;
 the run's logs stay in ``var/chaos/run-<id>/logs/``. Everything started is stopped on the way
 out, on failure and on Ctrl-C too.
@@ -34,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -96,6 +98,11 @@ class ChaosPlan:
     # timeout, backoffs, breaker cooldown, poll interval, timeouts) is the default a user gets.
     settings: dict[str, str] = field(default_factory=dict)
     max_recovery_wait_s: float = 90.0  # a killed worker's step must run again within this
+    # A per-user daily spend cap, in the catalog the run writes (shipped catalog + this cap), set to
+    # fit about this share of each seller's pipelines: the rest must be refused at submit, and no
+    # seller's spend may pass the cap through the kills.
+    user_cap_share: float = 0.85
+    sellers: int = 7
 
     @classmethod
     def quick(cls, pipelines: int = 40, timeout_s: float = 420.0) -> ChaosPlan:
@@ -127,14 +134,35 @@ class Chaos:
         self.db_name = f"genline_chaos_{uuid.uuid4().hex[:10]}"
         self._harness_log = (self.logs / "harness.log").open("a")
         self._say = say
+        self.accepted = 0  # pipelines accepted so far (the rest were refused at the spend cap)
 
     def say(self, line: str) -> None:
         self._say(line)
         self._harness_log.write(line + "\n")
         self._harness_log.flush()
 
+    def user_cap_usd(self) -> Decimal:
+        """The per-user daily cap: the estimate of one pipeline times the share of a seller's pipelines
+        it fits (every chaos request is alike but for a number in its description)."""
+        from genline.config.catalog import load_catalog
+        from genline.pipelines.estimate import estimate_pipeline
+
+        one = estimate_pipeline(load_catalog(), "standard", description=self._description(self.plan.pipelines))
+        per_seller = -(-self.plan.pipelines // self.plan.sellers)
+        return (one.total_usd * int(per_seller * self.plan.user_cap_share)).quantize(Decimal("0.01"))
+
+    def _catalog(self) -> str:
+        from genline.config.catalog import BUILTIN_CATALOG
+
+        raw = json.loads(BUILTIN_CATALOG.read_text())
+        raw["caps"] = [{"scope": "user", "match": "*", "period": "day", "limit_usd": str(self.user_cap_usd())}]
+        path = self.run_dir / "catalog.json"
+        path.write_text(json.dumps(raw, indent=2))
+        return str(path)
+
     def _env(self, db_url: str, redis_url: str, s3_endpoint: str, sim_url: str) -> dict[str, str]:
         return {
+            "GENLINE_CATALOG_FILE": self._catalog(),
             "GENLINE_VAR_DIR": str(self.run_dir / "var"),
             "GENLINE_DATABASE_URL": db_url,
             "GENLINE_BROKER_URL": redis_url,
@@ -203,7 +231,8 @@ class Chaos:
             stats = settled_stats(sim.base_url, wait_s=self.plan.simulator["stall_seconds"] + 10)
             verdict = Verdict(db_url, store, sim.base_url, self.secret)
             try:
-                result = verdict.figures(self.plan.pipelines, stats)
+                result = verdict.figures(self.accepted, stats)
+                result.update(verdict.caps(self.plan.pipelines - self.accepted, self.user_cap_usd()))
                 self._harness_log.flush()
                 result.update(verdict.secrets(sorted(self.logs.glob("*.log")), redis.client()))
                 result["provider_call_errors_seen"] = verdict.provider_errors()
@@ -224,48 +253,59 @@ class Chaos:
         disruptor.start_all()
         t0 = time.monotonic()
         submitted, terminal, last_report = 0, 0, 0.0
+        self.accepted = 0
         try:
             while True:
                 now = time.monotonic()
                 due = min(self.plan.pipelines, int((now - t0) * self.plan.submit_per_s) + 1)
                 while submitted < due:
-                    self._submit(api, submitted)
+                    self.accepted += self._submit(api, submitted)
                     submitted += 1
                 terminal = self._terminal(monitor, terminal)
                 watch.tick(time.monotonic())
-                if submitted == self.plan.pipelines and terminal >= self.plan.pipelines:
+                if submitted == self.plan.pipelines and terminal >= self.accepted:
                     break
                 if now - t0 > self.plan.timeout_s:
                     self.say(f"chaos: timed out after {self.plan.timeout_s:.0f}s with {terminal} ended")
                     break
-                disruptor.tick(terminal, self.plan.pipelines)
+                disruptor.tick(terminal, max(self.accepted, 1))
                 if now - last_report >= 5:
                     last_report = now
                     kills = ", ".join(f"{k} {v}" for k, v in disruptor.kills.items() if v)
                     self.say(
-                        f"chaos: {now - t0:6.1f}s  ended {terminal}/{self.plan.pipelines} "
-                        f"(submitted {submitted})  {kills or 'no kills yet'}"
+                        f"chaos: {now - t0:6.1f}s  ended {terminal}/{self.accepted} "
+                        f"(submitted {submitted}, {submitted - self.accepted} refused at the cap)  "
+                        f"{kills or 'no kills yet'}"
                     )
                 time.sleep(0.25)
         finally:
             monitor.dispose()
-        self.say(f"chaos: {time.monotonic() - t0:6.1f}s  ended {terminal}/{self.plan.pipelines}")
+        self.say(f"chaos: {time.monotonic() - t0:6.1f}s  ended {terminal}/{self.accepted}")
         return time.monotonic() - t0
 
-    def _submit(self, api: Any, i: int) -> None:
-        """Submit pipeline ``i``; while Redis or PostgreSQL is being disrupted the same request
-        (same idempotency key) is sent again, which must never make a second pipeline."""
+    @staticmethod
+    def _description(i: int) -> str:
+        return f"Chaos product {i}: a stoneware mug, glaze number {i}."
+
+    def _submit(self, api: Any, i: int) -> bool:
+        """Submit pipeline ``i``; True if accepted, False if refused at the seller's spend cap.
+        While Redis or PostgreSQL is being disrupted the same request (same idempotency key) is
+        sent again, which must never make a second pipeline."""
+        from genline.config.errors import SpendCapExceeded
+
         request = {
-            "user_id": f"chaos-seller-{i % 7}",
+            "user_id": f"chaos-seller-{i % self.plan.sellers}",
             "feature": "chaos",
-            "description": f"Chaos product {i}: a stoneware mug, glaze number {i}.",
+            "description": self._description(i),
             "image": f"https://images.example.com/products/{i}.png",
             "idempotency_key": f"chaos-{i}",
         }
         for attempt in range(60):
             try:
                 api.submit(request)
-                return
+                return True
+            except SpendCapExceeded:
+                return False
             except Exception as exc:  # noqa: BLE001  # the database or broker is being disrupted
                 if attempt % 10 == 0:
                     self.say(f"chaos: submit {i} failed ({type(exc).__name__}); trying again with the same key")

@@ -8,7 +8,13 @@ and every log line, and the invariants they must satisfy.
   hashed, and compared with its ``stored_objects`` row and with the sha256 the simulator reports
   for the task the video step completed (``/_sim/tasks/{task_id}``).
 - spend_recorded_usd (sum of the audit log) against spend_billed_by_provider_usd (the simulator's
-  bill, read once no job is still rendering), equal when both are rounded to the cent.
+  bill, read once no job is still rendering): they may differ by less than $0.001 (SPEND_TOLERANCE_USD).
+  A chat whose answer was lost is booked at its most, marked estimated, and set to the truth when
+  the same request is answered (``pipelines/spend.py`` ``reconcile``).
+- the per-user spend cap (``caps``): no seller's audit spend, nor any ledger row's spent + reserved,
+  passes the cap; the cap refused some pipelines at submit; nothing is left reserved at the end.
+  A pipeline the cap stopped mid-way (a costlier fallback it could not top up) fails with
+  ``spend_cap_exceeded``: a reason of its own, not counted against the provider's faults.
 - secrets_found_in_logs: occurrences of the API key in every line of every log (children, Redis,
   the harness's own output), every row of every table, and every key left in Redis.
 """
@@ -187,6 +193,28 @@ class Verdict:
             },
         }
 
+    # --- the spend cap ---------------------------------------------------------------------------
+    def caps(self, refused: int, limit_usd: Decimal) -> dict[str, Any]:
+        """Each seller's spend against the per-user cap: from the audit log (what was billed to
+        them) and from the cap's ledger rows (spent + still reserved), after every process stopped."""
+        by_user = {
+            r.user_id: Decimal(r.cost)
+            for r in self.rows(
+                "SELECT user_id, COALESCE(SUM(cost_usd), 0) AS cost FROM provider_calls "
+                "WHERE user_id IS NOT NULL GROUP BY user_id"
+            )
+        }
+        ledger = self.rows("SELECT subject, reserved_micros, spent_micros, limit_micros FROM spend_caps")
+        over = sorted(u for u, cost in by_user.items() if cost > limit_usd)
+        ledger_over = [r.subject for r in ledger if r.reserved_micros + r.spent_micros > r.limit_micros]
+        return {
+            "user_cap_usd": float(limit_usd),
+            "refused_at_cap": refused,
+            "highest_user_spend_usd": float(max(by_user.values(), default=Decimal(0))),
+            "users_over_cap": len(over) + len(ledger_over),
+            "cap_reserved_left_usd": float(sum(Decimal(r.reserved_micros) for r in ledger) / 1_000_000),
+        }
+
     # --- secrets ---------------------------------------------------------------------------------
     def secrets(self, log_files: list[Path], redis_client: Any) -> dict[str, Any]:
         found: Counter[str] = Counter()
@@ -254,6 +282,9 @@ def _redis_value(client: Any, key: bytes) -> bytes:
     return key + repr(value).encode()
 
 
+SPEND_TOLERANCE_USD = 0.001  # |recorded - billed|, whatever the run's size
+
+
 def invariant_failures(result: dict[str, Any]) -> list[str]:
     """Plain sentences for every invariant that does not hold; empty when the run passed."""
     checks = [
@@ -269,8 +300,16 @@ def invariant_failures(result: dict[str, Any]) -> list[str]:
         ),
         (result["lost_outputs"] == 0, f"{result['lost_outputs']} outputs were lost"),
         (
-            result["spend_matches_to_the_cent"],
-            f"spend recorded ${result['spend_recorded_usd']} != billed ${result['spend_billed_by_provider_usd']}",
+            abs(result["spend_difference_usd"]) < SPEND_TOLERANCE_USD,
+            f"spend recorded ${result['spend_recorded_usd']} differs from billed "
+            f"${result['spend_billed_by_provider_usd']} by ${result['spend_difference_usd']:.6f} "
+            f"(allowed: under ${SPEND_TOLERANCE_USD})",
+        ),
+        (result.get("users_over_cap", 0) == 0, f"{result.get('users_over_cap')} sellers spent past their cap"),
+        (result.get("refused_at_cap", 1) > 0, "the spend cap never refused a pipeline: it was not tested"),
+        (
+            result.get("cap_reserved_left_usd", 0) == 0,
+            f"${result.get('cap_reserved_left_usd')} is still reserved after every pipeline ended",
         ),
         (result["secrets_found_in_logs"] == 0, f"the API key was found {result['secrets_found_in_logs']} times"),
         (not result["disruptions_missed"], f"planned disruptions did not happen: {result['disruptions_missed']}"),
@@ -281,8 +320,10 @@ def invariant_failures(result: dict[str, Any]) -> list[str]:
             f"(allowed: {result['max_recovery_wait_allowed_s']} s)",
         ),
         (
-            result["failed_with_reason"] <= _faulted_jobs(result),
-            f"{result['failed_with_reason']} pipelines failed, more than the {_faulted_jobs(result)} jobs the "
+            result["failed_with_reason"] - result["failed_by_code"].get("spend_cap_exceeded", 0)
+            <= _faulted_jobs(result),
+            f"{result['failed_with_reason']} pipelines failed ({result['failed_by_code']}), more than the "
+            f"{_faulted_jobs(result)} jobs the "
             "provider was made to fail (failed jobs, short-lived and dead result links)",
         ),
         (

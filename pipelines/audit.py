@@ -21,6 +21,7 @@ import psycopg
 from sqlalchemy import Table, insert
 from sqlalchemy.orm import Session
 
+from genline.pipelines.spend import accrue, reconcile
 from genline.provider.gateway import AuditSink, CallRecord
 from genline.storage.db import Database
 from genline.storage.models import ProviderCall
@@ -43,6 +44,8 @@ def audit_row(rec: CallRecord) -> dict[str, Any]:
         "completion_tokens": rec.completion_tokens,
         "units": rec.units,
         "cost_usd": rec.cost_usd,
+        "cache_hit": rec.cache_hit,
+        "cost_estimated": rec.cost_estimated,
     }
 
 
@@ -51,9 +54,12 @@ _INSERT_CALL = insert(cast(Table, ProviderCall.__table__))
 
 def write_audit(session: Session, records: Iterable[CallRecord]) -> None:
     """Insert the records' rows in the session's transaction (a Core insert, built once)."""
+    records = list(records)
     rows = [audit_row(r) for r in records]
     if rows:
         session.connection().execute(_INSERT_CALL, rows)
+        accrue(session.connection(), records)
+        reconcile(session.connection(), records)
 
 
 # ``audit_row``'s columns with their PostgreSQL types, for the binary COPY (times as naive UTC,
@@ -74,6 +80,8 @@ _COPY_TYPES = (
     ("completion_tokens", "int4"),
     ("units", "float8"),
     ("cost_usd", "numeric"),
+    ("cache_hit", "bool"),
+    ("cost_estimated", "bool"),
 )
 _COPY_SQL = f"COPY provider_calls ({', '.join(name for name, _ in _COPY_TYPES)}) FROM STDIN (FORMAT BINARY)"
 
@@ -81,7 +89,8 @@ _COPY_SQL = f"COPY provider_calls ({', '.join(name for name, _ in _COPY_TYPES)})
 def write_audit_many(session: Session, records: list[CallRecord]) -> None:
     """``write_audit`` for a batch (the poller's round): by binary ``COPY`` on PostgreSQL, the
     rows as tuples: cheaper than text ``COPY`` of dicts, itself far cheaper than an INSERT's
-    parameters at thousands of polls a second (docs/PERFORMANCE.md). The same rows either way."""
+    parameters at thousands of polls a second (docs/PERFORMANCE.md). The same rows either way.
+    Either way the records' costs are booked against the pipelines' caps (``spend.accrue``)."""
     if not records:
         return
     connection = session.connection()
@@ -105,6 +114,8 @@ def write_audit_many(session: Session, records: list[CallRecord]) -> None:
             r.completion_tokens,
             r.units,
             r.cost_usd,
+            r.cache_hit,
+            r.cost_estimated,
         )
         for r in records
     ]
@@ -113,6 +124,7 @@ def write_audit_many(session: Session, records: list[CallRecord]) -> None:
         copy.set_types([kind for _, kind in _COPY_TYPES])
         for row in rows:
             copy.write_row(row)
+    accrue(connection, records)
 
 
 class AuditHold:

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from genline.config.boundary import config_error
 from genline.config.clock import utcnow
 from genline.config.constants import (
     JOB_TERMINAL,
@@ -22,6 +23,7 @@ from genline.config.errors import InvalidState, NotFound, ProviderError
 from genline.config.logging import get_logger
 from genline.pipelines.engine import pipeline_cost
 from genline.pipelines.runtime import Runtime
+from genline.pipelines.spend import release
 from genline.provider.gateway import CallContext
 from genline.storage.models import Pipeline, ProviderJob, Step
 
@@ -45,6 +47,9 @@ def cancel_pipeline(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
         for step in pipeline.steps:
             if step.status not in STEP_TERMINAL:
                 step.status = StepStatus.CANCELLED
+        # What the caps hold for it goes back now; a job the provider cannot stop is still booked
+        # as spent when it ends (spend.accrue), for the provider bills it.
+        release(s.connection(), pipeline_id)
         in_flight = [
             (job.id, job.task_id, job.model, job.step_id)
             for job in s.scalars(
@@ -59,12 +64,15 @@ def cancel_pipeline(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
         ]
         user_id, feature = pipeline.user_id, pipeline.feature
     stopped = left = 0
+    refused: list[dict[str, str]] = []  # cancel calls that failed: the job was not stopped
     for job_id, task_id, model, step_id in in_flight:
         assert task_id is not None
         try:
             ok = rt.gateway.cancel(CallContext(user_id, feature, pipeline_id, step_id, model), task_id)
         except ProviderError as err:
             log.warning("provider_cancel_failed", task_id=task_id, code=err.code)
+            said = config_error(err) or err  # a key the provider refuses is the operator's to fix
+            refused.append({"task_id": task_id, "code": said.code, "message": said.message})
             ok = False
         if ok:
             stopped += 1
@@ -76,9 +84,12 @@ def cancel_pipeline(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
     with rt.db.transaction() as s:
         s.get_one(Pipeline, pipeline_id).cost_usd = pipeline_cost(s, pipeline_id)
     log.info("pipeline_cancelled", pipeline_id=pipeline_id, provider_jobs_cancelled=stopped, still_running=left)
-    return {
+    result: dict[str, Any] = {
         "pipeline_id": pipeline_id,
         "status": "cancelled",
         "provider_jobs_cancelled": stopped,
         "provider_jobs_left_running": left,
     }
+    if refused:  # only then: the jobs left running include these, which the provider was asked in vain to stop
+        result["provider_cancel_errors"] = refused
+    return result

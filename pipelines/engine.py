@@ -16,6 +16,7 @@ pipeline that ended (cancelled, failed) meanwhile.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,13 +31,16 @@ from sqlalchemy.orm import Session
 
 from genline.config.clock import utcnow
 from genline.config.constants import PIPELINE_TERMINAL, STEP_TERMINAL, JobStatus, PipelineStatus, StepKind, StepStatus
-from genline.config.errors import ConfigError, GenlineError, ProviderError
+from genline.config.errors import ConfigError, GenlineError, ProviderError, ProviderPaused
 from genline.config.logging import get_logger, scrub_text
 from genline.pipelines.audit import AuditHold, holding, write_audit
 from genline.pipelines.context import Done, StepContext
-from genline.pipelines.dispatch import queue_for
+from genline.pipelines.dispatch import about, nudge
 from genline.pipelines.runtime import Runtime
+from genline.pipelines.spend import release
 from genline.pipelines.steps import PREPARE, STEP_FUNCTIONS
+from genline.pipelines.windows import batch_hold
+from genline.provider.stages import read_pause
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step, StoredObject
 
 log = get_logger("genline.engine")
@@ -62,9 +66,10 @@ class Effects:
 
 
 def apply_effects(rt: Runtime, effects: Effects) -> None:
-    for step_id, queue in effects.nudges:
+    for pair in effects.nudges:
+        step_id, queue = pair
         try:
-            rt.dispatcher.send(step_id, queue)
+            rt.dispatcher.send(step_id, queue, **about(pair))  # kind and pipeline id: the task's name, Flower's search
         except Exception as exc:  # noqa: BLE001  # the broker is down: the sweeper re-sends later
             log.warning("nudge_failed", step_id=step_id, error=type(exc).__name__)
     for pipeline_id in effects.finished:
@@ -109,6 +114,7 @@ def fail_step(s: Session, step: Step, code: str, message: str) -> Effects:
     pipeline.error_message = f"The {step.kind} step failed: {message}"
     pipeline.finished_at = now
     pipeline.cost_usd = pipeline_cost(s, pipeline.id)
+    release(s.connection(), pipeline.id)
     if pipeline.callback_url:
         effects.finished.append(pipeline.id)
     return effects
@@ -294,6 +300,8 @@ def _begin(rt: Runtime, step_id: str) -> Claim | None:
         earlier = [x for x in rows if x.position < me.position]
         if any(x.status != StepStatus.SUCCEEDED for x in earlier):
             return None  # out of order nudge; the right one comes when the earlier step finishes
+        if (me.batch_window or me.priority == "batch") and batch_hold(s, rt, me, now) is not None:
+            return None  # outside its window, or the batch's share of workers is taken: due later
         profile = rt.catalog.profiles.get(me.profile)
         if profile is None:
             raise ConfigError(f"Profile {me.profile!r} is no longer in the catalog.")
@@ -375,11 +383,13 @@ def finish_step(s: Session, finish: Finish, now: datetime) -> Effects:
             {"b_id": finish.next_step_id, "b_pipeline": finish.pipeline_id, "b_deadline": deadline, "b_now": now},
         )
         if queued.rowcount == 1:
-            effects.nudges.append((finish.next_step_id, queue_for(finish.next_kind, finish.priority)))
+            effects.nudges.append(nudge(finish.next_step_id, finish.next_kind, finish.priority, finish.pipeline_id))
         return effects
     ended = conn.execute(_PIPELINE_SUCCEEDED, {"b_pipeline": finish.pipeline_id, "b_now": now})
-    if ended.rowcount == 1 and finish.callback_url:
-        effects.finished.append(finish.pipeline_id)
+    if ended.rowcount == 1:
+        release(conn, finish.pipeline_id)  # what the caps still hold for it, not spent
+        if finish.callback_url:
+            effects.finished.append(finish.pipeline_id)
     return effects
 
 
@@ -420,11 +430,26 @@ def _complete(rt: Runtime, claim: Claim, done: Done, hold: AuditHold) -> Effects
         return finish_step(s, finish, utcnow())
 
 
-def run_step(rt: Runtime, step_id: str) -> None:
-    """Run one step to its next resting point. Safe to call any number of times."""
+@dataclass(frozen=True)
+class StepOutcome:
+    """Where ``run_step`` left the step it ran, in ids (for the broker's task and Flower): ``state``
+    is "succeeded", "waiting" (its provider job is in flight), "retry" (queued again) or "failed"
+    (for good, its pipeline with it; ``code`` and ``message`` are the stored, scrubbed reason)."""
+
+    step_id: str
+    pipeline_id: str
+    kind: str
+    state: str
+    code: str | None = None
+    message: str | None = None
+
+
+def run_step(rt: Runtime, step_id: str) -> StepOutcome | None:
+    """Run one step to its next resting point. Safe to call any number of times. None: there
+    was nothing to do (done already, running elsewhere, not due)."""
     claim = _begin(rt, step_id)
     if claim is None:
-        return
+        return None
     ctx = claim.ctx
     try:
         # Successful provider calls' audit rows are held and committed with the transaction that
@@ -434,17 +459,17 @@ def run_step(rt: Runtime, step_id: str) -> None:
             outcome = STEP_FUNCTIONS[ctx.kind](rt, ctx)
             effects = _complete(rt, claim, outcome, hold) if isinstance(outcome, Done) else None
     except GenlineError as err:
-        _after_error(
+        return _after_error(
             rt,
             ctx,
             err.code,
             err.message,
             retryable=err.retryable,
             refund=isinstance(err, ProviderError) and err.nothing_sent,
+            wait_s=getattr(err, "retry_after", None),
         )
-        return
     except (OperationalError, httpx.HTTPError) as exc:  # database or network hiccup
-        _after_error(
+        return _after_error(
             rt,
             ctx,
             "transient_error",
@@ -452,12 +477,12 @@ def run_step(rt: Runtime, step_id: str) -> None:
             retryable=True,
             refund=False,
         )
-        return
     if effects is not None:
         apply_effects(rt, effects)
         log.info("step_succeeded", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
-    else:
-        log.info("step_waiting", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
+        return StepOutcome(ctx.step_id, ctx.pipeline_id, ctx.kind, "succeeded")
+    log.info("step_waiting", step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
+    return StepOutcome(ctx.step_id, ctx.pipeline_id, ctx.kind, "waiting")
 
 
 def may_retry(rt: Runtime, kind: str, attempts: int, deadline: datetime | None) -> bool:
@@ -480,14 +505,24 @@ def retry_at(rt: Runtime, attempts: int, now: datetime, deadline: datetime | Non
     return now + timedelta(seconds=delay)
 
 
-def _after_error(rt: Runtime, ctx: StepContext, code: str, message: str, *, retryable: bool, refund: bool) -> None:
+def _after_error(
+    rt: Runtime,
+    ctx: StepContext,
+    code: str,
+    message: str,
+    *,
+    retryable: bool,
+    refund: bool,
+    wait_s: float | None = None,
+) -> StepOutcome:
     bound = log.bind(step_id=ctx.step_id, pipeline_id=ctx.pipeline_id, kind=ctx.kind, attempt=ctx.attempt)
     if retryable and (refund or may_retry(rt, ctx.kind, ctx.attempt, ctx.deadline_at)):
-        _requeue(rt, ctx.step_id, code, message, refund=refund)
+        _requeue(rt, ctx.step_id, code, message, refund=refund, wait_s=wait_s)
         bound.warning("step_will_retry", code=code, message=message)
-        return
+        return StepOutcome(ctx.step_id, ctx.pipeline_id, ctx.kind, "retry", code)
     bound.warning("step_failed", code=code, message=message)
     _fail(rt, ctx.step_id, code, message)
+    return StepOutcome(ctx.step_id, ctx.pipeline_id, ctx.kind, "failed", code, scrub_text(message) or "")
 
 
 def _fail(rt: Runtime, step_id: str, code: str, message: str) -> None:
@@ -496,11 +531,18 @@ def _fail(rt: Runtime, step_id: str, code: str, message: str) -> None:
     apply_effects(rt, effects)
 
 
-def _requeue(rt: Runtime, step_id: str, code: str, message: str, *, refund: bool = False) -> None:
+def _requeue(
+    rt: Runtime, step_id: str, code: str, message: str, *, refund: bool = False, wait_s: float | None = None
+) -> None:
     """Back to QUEUED, due again after its backoff (``retry_at``); the sweeper sends it then, so a
     retry never waits in a worker slot or in a broker countdown. A try that genline refused before
-    anything reached the provider (an open breaker, a pause) does not count as an attempt, and
-    waits ``GENLINE_SWEEP_AFTER_S``: what refused it does not clear in seconds."""
+    anything reached the provider (an open breaker, a pause, the request budget) does not count as
+    an attempt, and waits ``GENLINE_SWEEP_AFTER_S`` at most: less when what refused it said when it
+    clears (the budget's ``retry_after``, the pause's end)."""
+    pause_ends = None
+    if refund and code == ProviderPaused.code:  # read before the transaction: SQLite has one writer
+        pause = read_pause(rt.shared)
+        pause_ends = pause.until if pause is not None else None
     with rt.db.transaction() as s:
         step = s.get_one(Step, step_id)
         if step.status == StepStatus.RUNNING:
@@ -511,35 +553,17 @@ def _requeue(rt: Runtime, step_id: str, code: str, message: str, *, refund: bool
             step.updated_at = now
             if refund:
                 step.attempts = max(0, step.attempts - 1)
-                step.not_before = now + timedelta(seconds=rt.settings.sweep_after_s)
+                step.not_before = now + timedelta(seconds=min(rt.settings.sweep_after_s, wait_s or math.inf))
+                if pause_ends is not None:
+                    step.not_before = min(step.not_before, pause_ends)  # due again when the pause ends
             else:
                 step.not_before = retry_at(rt, step.attempts, now, step.deadline_at)
 
 
 def notify_callback(rt: Runtime, pipeline_id: str) -> None:
-    """Tell the application, if it asked, that a pipeline reached its end. Best effort: the
-    status stays readable with ``genline status``; a failed callback is logged, never retried forever."""
-    with rt.db.transaction() as s:
-        pipeline = s.get(Pipeline, pipeline_id)
-        if pipeline is None or not pipeline.callback_url:
-            return
-        url, body = (
-            pipeline.callback_url,
-            {"pipeline_id": pipeline.id, "status": pipeline.status, "error_code": pipeline.error_code},
-        )
-    # Through the safe client (public addresses only, provider/safe_http.py), following no
-    # redirect, with 10 s in all, and the answer's body never read.
-    from genline.provider.safe_http import UnsafeURL, deadline_in
+    """Tell the application, if it asked, that a pipeline reached its end: a signed webhook,
+    recorded and tried once now, then retried by the sweeper with backoff for
+    GENLINE_WEBHOOK_RETRY_FOR_S; its state shows in ``genline status`` (pipelines/callbacks.py)."""
+    from genline.pipelines.callbacks import pipeline_ended
 
-    try:
-        with rt.downloads.stream(
-            "POST", url, json=body, timeout=5.0, follow_redirects=False, extensions=deadline_in(10.0)
-        ) as answer:
-            if answer.is_redirect:
-                log.warning("callback_failed", pipeline_id=pipeline_id, error="redirect_not_followed")
-            elif answer.status_code >= 400:
-                log.warning("callback_failed", pipeline_id=pipeline_id, error=f"http_{answer.status_code}")
-    except UnsafeURL as exc:
-        log.warning("callback_failed", pipeline_id=pipeline_id, error=f"url_{exc.reason}")
-    except httpx.HTTPError as exc:
-        log.warning("callback_failed", pipeline_id=pipeline_id, error=type(exc).__name__)
+    pipeline_ended(rt, pipeline_id)

@@ -13,13 +13,13 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from genline.config.catalog import Catalog
+from genline.config.catalog import Catalog, FeaturePolicy
 from genline.config.errors import ValidationError
 from genline.pipelines.images import MAX_IMAGE_BYTES as MAX_IMAGE_BYTES
 from genline.pipelines.images import read_bounded, read_upload, reencode
@@ -42,6 +42,7 @@ FIELDS = (
     "copy_model",
     "image_model",
     "video_model",
+    "no_cache",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:+-]*$")
 # Bidi embeddings, overrides and isolates: text that reads otherwise than it is stored. The marks
@@ -77,10 +78,12 @@ class PipelineRequest:
     priority: str
     models: dict[str, str]  # step kind -> model the caller asked for
     flags: dict[str, list[str]] | None = None  # what screening found: injection_suspected, pii_masked
+    no_cache: bool = False  # a fresh copy answer, not the copy cache's
+    batch_window: str | None = None  # "HH:MM-HH:MM" UTC: batch work runs only inside it (pipelines/windows.py)
 
     def fingerprint(self) -> str:
         """Same request, same fingerprint: a reused idempotency key must come with the same request."""
-        canonical = {
+        canonical: dict[str, Any] = {
             "user_id": self.user_id,
             "feature": self.feature,
             "description": self.description,
@@ -90,6 +93,8 @@ class PipelineRequest:
             "priority": self.priority,
             "models": self.models,
         }
+        if self.no_cache:  # only when asked, so fingerprints of earlier requests stay the same
+            canonical["no_cache"] = True
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
@@ -218,6 +223,8 @@ def validate_request(
             field="profile",
         )
     profile = catalog.profiles[profile_name]
+    policy = catalog.feature_policy(feature)
+    check_profile_allowed(feature, profile_name, policy)
     priority = _text(raw, "priority", required=False, limit=16) or "interactive"
     if priority not in PRIORITIES:
         raise ValidationError("priority must be interactive or batch.", code="priority_invalid", field="priority")
@@ -243,6 +250,10 @@ def validate_request(
                 field=field,
             )
         models[step] = model
+    check_models_allowed(feature, models, policy)
+    no_cache = raw.get("no_cache", False)
+    if not isinstance(no_cache, bool):
+        raise ValidationError("no_cache must be true or false.", code="no_cache_invalid", field="no_cache")
     assert description is not None
     given = raw.get("image")
     if given is not None and not isinstance(given, str):
@@ -270,4 +281,27 @@ def validate_request(
         priority=priority,
         models=models,
         flags=screened.flags or None,
+        no_cache=no_cache,
     )
+
+
+def check_profile_allowed(feature: str, profile: str, policy: FeaturePolicy) -> None:
+    """The feature's entitlement (the catalog's ``features``): may it use this profile?"""
+    if not policy.allows_profile(profile):
+        allowed = ", ".join(policy.profiles or ())
+        raise ValidationError(
+            f"Feature {feature!r} may not use profile {profile!r}; it may use {allowed}.",
+            code="profile_not_allowed",
+            field="profile",
+        )
+
+
+def check_models_allowed(feature: str, models: Mapping[str, str], policy: FeaturePolicy) -> None:
+    """The feature's entitlement: may its requests name their own models?"""
+    if models and not policy.models:
+        step = next(iter(models))
+        raise ValidationError(
+            f"Feature {feature!r} may not choose models ({step}_model was given); leave the models to the profile.",
+            code="models_not_allowed",
+            field="models",
+        )

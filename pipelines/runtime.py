@@ -12,14 +12,16 @@ from genline.config.catalog import Catalog, load_catalog
 from genline.config.errors import StorageError
 from genline.config.logging import register_secret
 from genline.config.settings import Settings
-from genline.pipelines.audit import DatabaseAuditSink
+from genline.pipelines.audit import DatabaseAuditSink, current_hold
+from genline.pipelines.cache import CopyCache, copy_cache_for
 from genline.pipelines.dispatch import Dispatcher, MemoryDispatcher
 from genline.pipelines.leases import StepLeases
+from genline.pipelines.spend import SpendGuard
 from genline.provider.client import ProviderClient
-from genline.provider.gateway import Gateway, RetryPolicy, Stage
+from genline.provider.gateway import CallRecord, Gateway, RetryPolicy, Stage
 from genline.provider.safe_http import AddressPolicy, DownloadLimit, SafeClient
 from genline.provider.shared_state import SharedState, shared_state_for
-from genline.provider.stages import AccountGuard, CircuitBreaker, RateLimiter
+from genline.provider.stages import AccountGuard, CircuitBreaker, RequestBudget
 from genline.storage.db import Database
 from genline.storage.factory import open_store
 from genline.storage.objects import ObjectStore
@@ -62,18 +64,35 @@ class Runtime:
 
     @property
     def stages(self) -> list[Stage]:
-        """In the gateway's order: pause (a budget stage goes here) → rate limit → breaker."""
+        """In the gateway's order: budget → pause → rate limit → breaker."""
         s = self.settings
         return [
+            SpendGuard(self.db, self.catalog, held=self._held_records),
             AccountGuard(self.shared, pause_s=s.pause_s),
-            RateLimiter(self.shared, rate_per_s=s.provider_rate_per_s),
+            self.budget,
             CircuitBreaker(self.shared, threshold=s.breaker_threshold, cooldown_s=s.breaker_cooldown_s),
         ]
+
+    @cached_property
+    def budget(self) -> RequestBudget:
+        """The provider key's request budget, shared by every process (provider/stages.py): the
+        gateway's calls, the poller's rounds and result downloads all draw from it."""
+        return RequestBudget.for_limit(self.shared, self.settings.provider_rate_per_s)
+
+    def _held_records(self) -> list[CallRecord]:
+        """The records the running step holds, not yet in the database (its spend so far)."""
+        return current_hold(self.gateway.audit).records
 
     @cached_property
     def leases(self) -> StepLeases:
         """The leases of the steps this process runs, renewed while they run (pipelines/leases.py)."""
         return StepLeases(self.db, self.settings.lease_s)
+
+    @cached_property
+    def copy_cache(self) -> CopyCache | None:
+        """The copy step's response cache (pipelines/cache.py), where the shared state is: Redis on
+        the production footprint, else the database; None when GENLINE_COPY_CACHE_TTL_S is 0."""
+        return copy_cache_for(self.settings, self.shared, self.db)
 
     @cached_property
     def gateway(self) -> Gateway:
@@ -121,6 +140,8 @@ class Runtime:
             self.gateway.close()
         if "shared" in self.__dict__:
             self.shared.close()
+        if (copy_cache := self.__dict__.get("copy_cache")) is not None:
+            copy_cache.close()
         if "leases" in self.__dict__:
             self.leases.close()
         self.dispatcher.close()

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from genline.config.errors import NotFound
+from genline.pipelines.callbacks import callback_status
 from genline.pipelines.runtime import Runtime
 from genline.storage.models import Pipeline, ProviderJob
 
@@ -50,7 +51,12 @@ def pipeline_status(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
             "flags": pipeline.flags or {},
             "injection_suspected": bool(pipeline.flags and "injection_suspected" in pipeline.flags),
             "estimated_cost_usd": str(pipeline.estimated_cost_usd),
+            # Costs accrue as each call is booked; the estimate by step is the one reserved at submit.
             "cost_usd": str(pipeline.cost_usd),
+            "reserved_usd": str(pipeline.reserved_usd),
+            "estimate": pipeline.estimate,
+            "promoted_from": pipeline.promoted_from,
+            "batch_window": pipeline.batch_window,
             "copy": outputs.get("copy", {}).get("text"),
             "video": stored.get("video"),
             "image": stored.get("image"),
@@ -58,4 +64,6 @@ def pipeline_status(rt: Runtime, pipeline_id: str) -> dict[str, Any]:
             "error": {"code": pipeline.error_code, "message": pipeline.error_message} if pipeline.error_code else None,
             "created_at": pipeline.created_at.isoformat(),
             "finished_at": pipeline.finished_at.isoformat() if pipeline.finished_at else None,
+            # Only for a pipeline with a callback_url: its webhook's state, tries and last failure.
+            **({"callback": callback_status(s, pipeline.id)} if pipeline.callback_url else {}),
         }

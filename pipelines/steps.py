@@ -31,9 +31,10 @@ from genline.config.errors import (
     RateLimited,
 )
 from genline.config.logging import get_logger
+from genline.pipelines.cache import CachedCopy, cached_answer, copy_plan, hit_record, keep_answer, prepare_copy
 from genline.pipelines.context import Done, Outcome, PrepareFn, StepContext, StepFn, Waiting
 from genline.pipelines.jobs import forget_new_intent, media_plan, prepare_job, start_provider_job
-from genline.pipelines.prompts import COPY_PROMPT, copy_messages, image_prompt, video_prompt
+from genline.pipelines.prompts import image_prompt, video_prompt
 from genline.pipelines.runtime import Runtime
 from genline.pipelines.store import image_for_video, prepare_store, provider_url, store_image_early, store_outputs
 
@@ -42,11 +43,16 @@ log = get_logger("genline.steps")
 
 # --- copy ------------------------------------------------------------------------------------------
 def write_copy(rt: Runtime, ctx: StepContext) -> Outcome:
-    messages = copy_messages(ctx.description)  # the description as quoted data in a fixed template
+    plan = copy_plan(ctx)  # the messages, parameters and each candidate model's cache key
     last: ProviderError | None = None
-    for model in ctx.candidates("copy", ctx.profile.copy_models):
+    for model, key in plan.keys.items():
+        if (cached := cached_answer(rt, ctx, key)) is not None:
+            hit, latency_ms = cached  # no call, no cost; audited as a hit, held and committed like a call
+            rt.gateway.audit.record(hit_record(ctx.call(model), hit, latency_ms))
+            tokens = hit.prompt_tokens + hit.completion_tokens
+            return Done({"model": model, "text": hit.text, "tokens": tokens, "prompt": plan.prompt, "cached": True})
         try:
-            result = rt.gateway.chat(ctx.call(model), messages, max_tokens=ctx.profile.copy_max_tokens)
+            result = rt.gateway.chat(ctx.call(model), plan.messages, max_tokens=plan.max_tokens)
         except (
             ProviderNotFound,
             ProviderUnavailable,
@@ -57,8 +63,10 @@ def write_copy(rt: Runtime, ctx: StepContext) -> Outcome:
         ) as err:
             last = err  # this model is out of reach now: the next one may not be
             continue
+        # a paid answer is kept (a degraded copy below never is): in Redis now, or with the completion
+        keep = keep_answer(rt, key, CachedCopy(model, result.text, result.prompt_tokens, result.completion_tokens))
         tokens = result.prompt_tokens + result.completion_tokens
-        return Done({"model": model, "text": result.text, "tokens": tokens, "prompt": COPY_PROMPT})
+        return Done({"model": model, "text": result.text, "tokens": tokens, "prompt": plan.prompt}, write=keep)
     assert last is not None
     if last.retryable and ctx.attempt >= 2:
         # Every copy model has been down through a retry: the pipeline goes on with plain copy
@@ -97,7 +105,16 @@ def render_image(rt: Runtime, ctx: StepContext) -> Outcome:
         raise
 
     def payload(model: str) -> dict[str, Any]:
-        return {"model": model, "prompt": prompt, "n": 1, "size": ctx.profile.image_size, "image_urls": [photo]}
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": prompt,
+            "n": 1,
+            "size": ctx.profile.image_size,
+            "image_urls": [photo],
+        }
+        if ctx.batch:  # the provider's batch mode: slower, at its batch price
+            body["batch"] = True
+        return body
 
     models, units = media_plan(ctx)
     return start_provider_job(rt, ctx, "image", models, payload, units)
@@ -121,6 +138,8 @@ def render_video(rt: Runtime, ctx: StepContext) -> Outcome:
         }
         if image:
             body["image_urls"] = [image]
+        if ctx.batch:  # the provider's batch mode: slower, at its batch price
+            body["batch"] = True
         return body
 
     models, units = media_plan(ctx)
@@ -138,6 +157,7 @@ PIPELINE: tuple[tuple[StepKind, StepFn], ...] = (
 )
 STEP_FUNCTIONS: dict[str, StepFn] = {kind.value: fn for kind, fn in PIPELINE}
 PREPARE: dict[str, PrepareFn] = {
+    StepKind.COPY.value: prepare_copy,  # the copy cache's lookup, when it is in the database
     StepKind.IMAGE.value: prepare_job,
     StepKind.VIDEO.value: prepare_job,
     StepKind.STORE.value: prepare_store,

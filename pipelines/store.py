@@ -53,7 +53,13 @@ def image_for_video(rt: Runtime, ctx: StepContext) -> tuple[str | None, bool]:
     handed on as it is: the provider fetches it in moments, and our copy is made meanwhile. A link
     close to its end is copied into our storage first and the video rendered from our copy, so the
     provider is never handed a link that runs out before it reads it; a link already gone is a
-    ``ResultExpired``, never handed on."""
+    ``ResultExpired``, never handed on.
+
+    A promoted pipeline's image (``pipelines/promote.py``) is ours already: its output names the
+    ``stored_key`` of our copy and holds no provider link."""
+    stored_key = (ctx.outputs.get(StepKind.IMAGE) or {}).get("stored_key")
+    if stored_key:
+        return provider_url(rt, str(stored_key)), True
     asset = (ctx.outputs.get(StepKind.IMAGE) or {}).get("assets", [{}])[0]
     if not asset.get("url"):
         return None, False
@@ -90,6 +96,7 @@ def _store_image(rt: Runtime, ctx: StepContext) -> None:
             if s.connection().execute(_STORED_BY_KEY, {"keys": [key]}).first() is not None:
                 return
     expires = _parse_time(asset.get("expires_at"))
+    rt.budget.before(ctx.call(None), "download")  # the provider's hosts count against its key's budget
     info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type="image")
     with rt.db.transaction() as s:
         _insert_stored(s, [_stored_row(ctx, StepKind.IMAGE, info, expires)])
@@ -144,6 +151,7 @@ def store_outputs(rt: Runtime, ctx: StepContext) -> Outcome:
         asset = ctx.outputs[kind]["assets"][0]
         expires = _parse_time(asset.get("expires_at"))
         try:
+            rt.budget.before(ctx.call(None), "download")  # the provider's hosts count against its key's budget
             info = copy_url_to_store(rt.downloads, rt.store, asset["url"], key, expires_at=expires, expect_type=kind)
         except ResultExpired as err:
             if kind == StepKind.VIDEO:

@@ -36,12 +36,14 @@ from sqlalchemy.exc import DBAPIError
 
 from genline.config.clock import utcnow
 from genline.config.constants import PipelineStatus, StepStatus
-from genline.config.errors import IdempotencyConflict
+from genline.config.errors import IdempotencyConflict, SpendCapExceeded
 from genline.config.logging import get_logger
-from genline.pipelines.dispatch import queue_for
+from genline.pipelines.dispatch import nudge
 from genline.pipelines.engine import Effects, apply_effects
+from genline.pipelines.estimate import estimate_pipeline
 from genline.pipelines.request import PipelineRequest
 from genline.pipelines.runtime import Runtime
+from genline.pipelines.spend import Ledger, announce, check_headroom, ledgers_for, reserve
 from genline.pipelines.steps import PIPELINE
 from genline.storage.models import Pipeline, Step, UTCDateTime, new_id
 
@@ -68,6 +70,11 @@ _PIPELINE_COLUMNS = (
     "request_hash",
     "status",
     "estimated_cost_usd",
+    "estimate",
+    "reserved_usd",
+    "no_cache",
+    "promoted_from",
+    "batch_window",
     "cost_usd",
     "created_at",
     "updated_at",
@@ -102,9 +109,9 @@ _POSTGRES_ACCEPT = _postgres_sql()  # psycopg prepares it on the server after a 
 _UTC_DATETIME = UTCDateTime()
 _SQLITE_PIPELINE = sqlite.insert(_PIPELINES).on_conflict_do_nothing(index_elements=_KEY)
 _SQLITE_STEPS = insert(_STEPS)
-_SAME_KEY = select(_PIPELINES.c.id, _PIPELINES.c.status, _PIPELINES.c.request_hash).where(
-    _PIPELINES.c.user_id == bindparam("user_id"), _PIPELINES.c.idempotency_key == bindparam("idempotency_key")
-)
+_SAME_KEY = select(
+    _PIPELINES.c.id, _PIPELINES.c.status, _PIPELINES.c.request_hash, _PIPELINES.c.estimated_cost_usd
+).where(_PIPELINES.c.user_id == bindparam("user_id"), _PIPELINES.c.idempotency_key == bindparam("idempotency_key"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class Accepted:
     pipeline_id: str
     created: bool  # False when the idempotency key named an existing pipeline
     status: str
+    estimated_cost_usd: Decimal | None = None  # the whole pipeline's estimate, reserved against the caps
 
 
 def _input_image_url(rt: Runtime, request: PipelineRequest) -> str:
@@ -137,7 +145,7 @@ def _same_key(conn: Connection, request: PipelineRequest, fingerprint: str) -> A
             f"for a different request (pipeline {row.id}); use a new key for new work.",
             field="idempotency_key",
         )
-    return Accepted(row.id, False, row.status)
+    return Accepted(row.id, False, row.status, Decimal(str(row.estimated_cost_usd)))
 
 
 def _taken_and_gone(request: PipelineRequest) -> NoReturn:
@@ -148,12 +156,16 @@ def _taken_and_gone(request: PipelineRequest) -> NoReturn:
     )
 
 
-def _write_postgres(conn: Connection, row: dict[str, Any], step_ids: list[str]) -> bool:
-    """The one statement, on its own (autocommit); True if the pipeline and its steps were written."""
+def _write_postgres(
+    conn: Connection, row: dict[str, Any], step_ids: list[str], *, own_transaction: bool = True
+) -> bool:
+    """The one statement, on its own (autocommit) unless the caller's transaction holds more (the
+    caps' reservations); True if the pipeline and its steps were written."""
     params = dict(row)
     # Bound as SQLAlchemy binds these columns: JSON through psycopg's Json, times as naive UTC.
     params["models"] = Json(row["models"])
     params["flags"] = None if row["flags"] is None else Json(row["flags"])
+    params["estimate"] = None if row["estimate"] is None else Json(row["estimate"])
     params["now"] = _UTC_DATETIME.process_bind_param(row["created_at"], conn.dialect)
     for position, step_id in enumerate(step_ids):
         params[f"step_{position}"] = step_id
@@ -161,7 +173,8 @@ def _write_postgres(conn: Connection, row: dict[str, Any], step_ids: list[str]) 
     assert isinstance(driver, psycopg.Connection)
     # Autocommit set on the driver and undone here, not through SQLAlchemy's isolation-level
     # option: that one costs a measurable part of a submit to set and reset, this a plain attribute.
-    driver.autocommit = True
+    if own_transaction:
+        driver.autocommit = True
     try:
         return bool(driver.execute(_POSTGRES_ACCEPT, params).rowcount)
     except psycopg.Error as exc:
@@ -171,7 +184,7 @@ def _write_postgres(conn: Connection, row: dict[str, Any], step_ids: list[str]) 
             conn.invalidate(exc)
         raise DBAPIError.instance(_POSTGRES_ACCEPT, params, exc, psycopg.Error, dialect=conn.dialect) from exc
     finally:
-        if not driver.closed:
+        if own_transaction and not driver.closed:
             driver.autocommit = False
 
 
@@ -190,24 +203,49 @@ def _write_sqlite(conn: Connection, row: dict[str, Any], step_ids: list[str]) ->
     return True
 
 
-def _accept(rt: Runtime, row: dict[str, Any], step_ids: list[str], request: PipelineRequest) -> Accepted | None:
+def _accept(
+    rt: Runtime, row: dict[str, Any], step_ids: list[str], request: PipelineRequest, ledgers: list[Ledger]
+) -> tuple[Accepted | None, list[str]]:
     """Write the pipeline and its steps in one transaction (``None``), unless the key is taken:
-    then the pipeline that holds it."""
-    if rt.db.is_postgres:
+    then the pipeline that holds it. With caps that apply, the same transaction reserves the
+    estimate against each (``spend.reserve``): a refusal rolls back the pipeline with it. Returns
+    the cap alerts to log after the commit too."""
+    if rt.db.is_postgres and not ledgers:
         with rt.db.engine.connect() as conn:
             if _write_postgres(conn, row, step_ids):
-                return None
-            return _same_key(conn, request, row["request_hash"]) or _taken_and_gone(request)
-    with rt.db.engine.begin() as conn:  # BEGIN IMMEDIATE (storage/db.py)
-        if _write_sqlite(conn, row, step_ids):
-            return None
-        return _same_key(conn, request, row["request_hash"]) or _taken_and_gone(request)
+                return None, []
+            return _same_key(conn, request, row["request_hash"]) or _taken_and_gone(request), []
+    with rt.db.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (storage/db.py)
+        written = _write_postgres(conn, row, step_ids, own_transaction=False) if rt.db.is_postgres else None
+        if written is None:
+            written = _write_sqlite(conn, row, step_ids)
+        if not written:
+            return _same_key(conn, request, row["request_hash"]) or _taken_and_gone(request), []
+        return None, reserve(conn, ledgers, row["id"], row["reserved_usd"])
 
 
-def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
+def submit_pipeline(rt: Runtime, request: PipelineRequest, *, promoted_from: str | None = None) -> Accepted:
     """Accept one validated request in one transaction. Returns at once; the pipeline runs on the
     workers. The same idempotency key returns the same pipeline; a different request under it is
-    refused."""
+    refused. The pipeline's estimate is reserved against every spend cap that applies, in the same
+    transaction; one it would cross refuses it (``SpendCapExceeded``) and nothing is created."""
+    estimate = estimate_pipeline(
+        rt.catalog,
+        request.profile,
+        description=request.description,
+        models=request.models,
+        batch=request.priority == "batch",
+    )
+    ledgers = ledgers_for(rt.catalog, request.user_id, request.feature)
+    if ledgers:  # refuse early, before the photo is stored; the reservation below is what counts
+        with rt.db.engine.connect() as conn:
+            try:
+                check_headroom(conn, ledgers, estimate.total_usd)
+            except SpendCapExceeded:
+                found = _same_key(conn, request, request.fingerprint())  # a resubmission reserves nothing new
+                if found is None:
+                    raise
+                return found
     image_url = _input_image_url(rt, request)
     image = request.image
     now = utcnow()
@@ -226,21 +264,28 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
         "idempotency_key": request.idempotency_key,
         "request_hash": request.fingerprint(),
         "status": PipelineStatus.PENDING.value,
-        "estimated_cost_usd": rt.catalog.estimate(rt.catalog.profiles[request.profile]),
+        "estimated_cost_usd": estimate.total_usd,
+        "estimate": estimate.as_json(),
+        "reserved_usd": estimate.total_usd,
+        "no_cache": request.no_cache,
+        "promoted_from": promoted_from,
+        "batch_window": request.batch_window,
         "cost_usd": Decimal(0),
         "created_at": now,
         "updated_at": now,
     }
     step_ids = [new_id("st") for _ in _STEP_ROWS]
-    found = _accept(rt, row, step_ids, request)
+    found, alerts = _accept(rt, row, step_ids, request, ledgers)
     if found is not None:
         return found
+    announce(alerts)
     log.info(
         "pipeline_accepted",
         pipeline_id=row["id"],
         user_id=request.user_id,
         feature=request.feature,
         profile=request.profile,
+        estimated_cost_usd=str(estimate.total_usd),
     )
     if request.flags and "injection_suspected" in request.flags:
         # The audit mark of a suspected prompt injection: the signals, never the text.
@@ -252,5 +297,5 @@ def submit_pipeline(rt: Runtime, request: PipelineRequest) -> Accepted:
             signals=request.flags["injection_suspected"],
             audit=True,
         )
-    apply_effects(rt, Effects(nudges=[(step_ids[0], queue_for(PIPELINE[0][0], request.priority))]))
-    return Accepted(row["id"], True, PipelineStatus.PENDING.value)
+    apply_effects(rt, Effects(nudges=[nudge(step_ids[0], PIPELINE[0][0], request.priority, row["id"])]))
+    return Accepted(row["id"], True, PipelineStatus.PENDING.value, estimate.total_usd)

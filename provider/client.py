@@ -87,9 +87,13 @@ def translate_errors(path: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise ProviderTimeout(f"The provider did not answer {path} in time.") from exc
+        error: ProviderError = ProviderTimeout(f"The provider did not answer {path} in time.")
+        error.outcome_unknown = isinstance(exc, httpx.ReadTimeout)  # sent; the answer never came
+        raise error from exc
     except httpx.TransportError as exc:
-        raise ProviderConnectionError(f"The provider could not be reached for {path} ({type(exc).__name__}).") from exc
+        error = ProviderConnectionError(f"The provider could not be reached for {path} ({type(exc).__name__}).")
+        error.outcome_unknown = isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)
+        raise error from exc
 
 
 def answer_of(status: int, headers: Mapping[str, str]) -> Answer:

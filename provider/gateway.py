@@ -14,6 +14,7 @@ price anything themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from genline.config.constants import JobStatus
 from genline.config.errors import ProviderError, ProviderNotFound, ProviderRejected, RateLimited, RetryableProviderError
 from genline.config.logging import get_logger
 from genline.provider.client import Answer, ProviderClient
+from genline.provider.metrics import observe_call
+from genline.provider.pricing import call_cost_bound, payload_units, prompt_tokens
 from genline.provider.wire import ChatResult, SubmitResult, TaskState
 
 log = get_logger("genline.gateway")
@@ -65,6 +68,8 @@ class CallRecord:
     units: float | None = None
     cost_usd: Decimal = field(default_factory=Decimal)
     ratelimit_remaining: int | None = None
+    cache_hit: bool = False  # answered from the copy cache: no provider call was made, cost 0
+    cost_estimated: bool = False  # the cost is an estimate (the call's outcome was never learned)
 
 
 class Stage(Protocol):
@@ -156,7 +161,8 @@ class Gateway:
     def chat(self, ctx: CallContext, messages: list[dict[str, str]], *, max_tokens: int) -> ChatResult:
         assert self._client is not None and ctx.model
         model = ctx.model
-        price = self.catalog.model(model)
+        bound = call_cost_bound(self.catalog.model(model), messages=messages, max_tokens=max_tokens, batch=ctx.batch)
+        ctx = dataclasses.replace(ctx, cost_bound_usd=bound)
 
         def call() -> tuple[ChatResult, Answer]:
             assert self._client is not None
@@ -165,13 +171,27 @@ class Gateway:
         def account(record: CallRecord, result: ChatResult) -> None:
             record.prompt_tokens = result.prompt_tokens
             record.completion_tokens = result.completion_tokens
-            record.cost_usd = price.chat_cost(result.prompt_tokens, result.completion_tokens)
+            price = self.catalog.model(model, record.ts)  # the rates in effect when the call was made
+            record.cost_usd = price.chat_cost(result.prompt_tokens, result.completion_tokens, batch=ctx.batch)
 
-        return self._with_retries(ctx, "chat", call, account)
+        def unknown(record: CallRecord) -> None:
+            # Sent, answer lost: the provider may have billed it. Booked at the most it can cost
+            # (marked estimated) until an answer to the same request tells the truth (spend.reconcile).
+            record.prompt_tokens, record.completion_tokens = prompt_tokens(messages), max_tokens
+            record.cost_estimated = True
+            price = self.catalog.model(model, record.ts)
+            record.cost_usd = price.chat_cost(record.prompt_tokens, max_tokens, batch=ctx.batch)
+
+        return self._with_retries(ctx, "chat", call, account, unknown)
 
     def submit(self, ctx: CallContext, kind: str, payload: dict[str, Any], idempotency_key: str) -> SubmitResult:
         """Start a paid job. Retries reuse ``idempotency_key``, so the provider returns the same job."""
         assert self._client is not None
+        model = ctx.model or str(payload.get("model", ""))
+        if model:  # the most the job can cost, for the budget stage
+            units = payload_units(kind, payload)
+            bound = call_cost_bound(self.catalog.model(model), units=units, batch=ctx.batch)
+            ctx = dataclasses.replace(ctx, cost_bound_usd=bound)
 
         def call() -> tuple[SubmitResult, Answer]:
             assert self._client is not None
@@ -198,6 +218,7 @@ class Gateway:
         operation: str,
         call: Callable[[], tuple[T, Answer]],
         account: Callable[[CallRecord, T], None],
+        unknown: Callable[[CallRecord], None] | None = None,
     ) -> T:
         attempt = 0
         while True:
@@ -208,6 +229,8 @@ class Gateway:
             try:
                 result, answer = call()
             except ProviderError as error:
+                if error.outcome_unknown and unknown is not None:
+                    unknown(record)
                 self._finish(record, started, error.answer, error)
                 wait = self.retry.delay(attempt, error, self._rng)
                 if wait is None:
@@ -242,7 +265,7 @@ class Gateway:
             raise
         if state.status == JobStatus.COMPLETED and ctx.model:
             record.units = units
-            record.cost_usd = self.catalog.model(ctx.model).media_cost(units)
+            record.cost_usd = self.catalog.model(ctx.model, record.ts).media_cost(units, batch=ctx.batch)
         self._finish(record, started, answer, None)
         return state
 
@@ -293,5 +316,6 @@ class Gateway:
         if error is not None:
             record.error_code = error.code
         self.audit.record(record)
+        observe_call(record)  # duration, errors, rate limits, tokens, spend (provider/metrics.py)
         for stage in self.stages:
             stage.after(record, error)

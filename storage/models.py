@@ -213,8 +213,9 @@ class ProviderCall(Base):
 
 class SpendCap(Base):
     """One cap's ledger for one subject and one period: what is reserved and what is spent against
-    ``limit_usd``. ``reserved_usd + spent_usd`` never passes the limit by a reservation (every
-    reservation is one conditional UPDATE of this row); see ``pipelines/spend.py``."""
+    the limit, in whole micro-dollars (exact sums on SQLite too, whose numerics are floats).
+    ``reserved + spent`` never passes the limit by a reservation (every reservation is one
+    conditional UPDATE of this row); see ``pipelines/spend.py``."""
 
     __tablename__ = "spend_caps"
 
@@ -223,9 +224,9 @@ class SpendCap(Base):
     subject: Mapped[str] = mapped_column(String(128))  # the user id or feature; "*" for global
     period: Mapped[str] = mapped_column(String(8))  # day | month
     period_start: Mapped[str] = mapped_column(String(10))  # ISO date (UTC) the period began
-    limit_usd: Mapped[Decimal] = mapped_column(MONEY)
-    reserved_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
-    spent_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
+    limit_micros: Mapped[int] = mapped_column(BigInteger)
+    reserved_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     alerted_pct: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # highest alert sent
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -237,7 +238,7 @@ class SpendHold(Base):
 
     pipeline_id: Mapped[str] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"), primary_key=True)
     cap_id: Mapped[str] = mapped_column(ForeignKey("spend_caps.id"), primary_key=True)
-    held_usd: Mapped[Decimal] = mapped_column(MONEY, default=Decimal(0), server_default="0")
+    held_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class CopyCacheEntry(Base):
@@ -263,3 +264,66 @@ class SharedEntry(Base):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     expires_at: Mapped[float] = mapped_column(Float)  # epoch seconds
+
+
+class CallbackDelivery(Base):
+    """One webhook genline owes someone: a pipeline's end to its ``callback_url``, or an alert to the
+    operators' URL (``GENLINE_ALERT_WEBHOOK_URL``), with its tries so far (``pipelines/callbacks.py``).
+    ``webhook_id`` is the ``webhook-id`` header, the same on every try; ``payload`` is the JSON body,
+    sent as compact, key-sorted JSON so every try signs the same bytes. Neither the secret nor a
+    signature is ever stored."""
+
+    __tablename__ = "callback_deliveries"
+    __table_args__ = (Index("ix_callback_deliveries_due", "state", "next_try_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # whd_...
+    webhook_id: Mapped[str] = mapped_column(String(80), unique=True)  # msg_...: the receiver's idempotency key
+    kind: Mapped[str] = mapped_column(String(16))  # pipeline_ended | alert
+    pipeline_id: Mapped[str | None] = mapped_column(
+        ForeignKey("pipelines.id", ondelete="CASCADE"), index=True
+    )  # None for an alert
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(64))  # pipeline.ended, alert.provider_paused, ...
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None once delivered or failed
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(300))  # a plain sentence, never the URL or a secret
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# Spend caps that reached their limit lately: what the alert deliveries look for (migration 0008).
+Index(
+    "ix_spend_caps_reached",
+    SpendCap.updated_at,
+    postgresql_where=SpendCap.alerted_pct >= 100,
+    sqlite_where=SpendCap.alerted_pct >= 100,
+)
+
+
+class AuditDailyTotal(Base):
+    """What audit rows (``provider_calls``) deleted by retention added up to, one row per UTC day,
+    feature, model, operation and error code (``""`` where the call had none), so ``genline report``
+    keeps the spend and counts of periods whose rows are gone (``pipelines/retention.py``). Money in
+    whole micro-dollars (exact on SQLite too); latency as a sum, with ``requests`` its count."""
+
+    __tablename__ = "audit_daily_totals"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # ISO date (UTC) of the calls
+    feature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operation: Mapped[str] = mapped_column(String(16), primary_key=True)
+    error_code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_limited: Mapped[int] = mapped_column(BigInteger, default=0)  # HTTP 429 or provider_rate_limited
+    cache_hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    estimated_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)  # of it, from cost_estimated calls
+    latency_ms_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    units: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

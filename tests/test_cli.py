@@ -394,7 +394,8 @@ def test_submit_without_json_says_accepted_and_whether_it_was_new(genline: Genli
     assert found
     again = genline(*args)
     assert again.exit_code == 0
-    assert f"Accepted pipeline {found[1]} (already submitted with this key)" in again.stdout
+    assert f"Accepted pipeline {found[1]} (already submitted with this key; it is pending)" in again.stdout
+    assert re.search(r"Estimated cost \$0\.\d{4}\.", first.stdout)
 
 
 def test_submit_without_a_key_generates_one_and_prints_it(

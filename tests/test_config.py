@@ -84,7 +84,7 @@ def test_builtin_catalog_has_the_contract_prices() -> None:
 
 def test_a_profile_naming_an_unknown_model_fails_at_start_up() -> None:
     raw = {
-        "models": {"m": {"kind": "chat"}},
+        "models": {"m": {"kind": "chat", "input_per_million_usd": 1, "output_per_million_usd": 1}},
         "profiles": {
             "p": {
                 "copy_models": ["m"],

@@ -26,6 +26,7 @@ from genline.config.errors import IdempotencyConflict
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
 from genline.pipelines.engine import run_step
+from genline.pipelines.estimate import estimate_pipeline
 from genline.pipelines.request import validate_request
 from genline.pipelines.runtime import Runtime
 from genline.pipelines.submit import Accepted
@@ -243,7 +244,8 @@ def test_a_submit_writes_the_pipeline_and_its_steps_as_the_models_define_them(
     assert p.models == {"copy": "claude-haiku"}
     assert (p.idempotency_key, p.request_hash) == (fields["idempotency_key"], request.fingerprint())
     assert (p.status, p.error_code, p.error_message, p.finished_at) == ("pending", None, None, None)
-    assert p.estimated_cost_usd == rt.catalog.estimate(rt.catalog.profiles["standard"]) and p.cost_usd == 0
+    estimate = estimate_pipeline(rt.catalog, "standard", description=request.description, models=request.models)
+    assert abs(p.estimated_cost_usd - estimate.total_usd) < Decimal("0.000001") and p.cost_usd == 0
     assert p.created_at == p.updated_at and p.created_at.tzinfo is not None
     assert abs((utcnow() - p.created_at).total_seconds()) < 60
     assert [(st.position, st.kind, st.status, st.attempts) for st in steps] == [

@@ -45,9 +45,14 @@ class Clock:
 
 @pytest.fixture
 def strict_rt(sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> Runtime:
-    """One provider try per call and a breaker that opens after two failures."""
+    """One provider try per call and a breaker that opens after two failures. The shared state's
+    clock only moves when the test says so, so the request budget never refills: it is made large."""
     settings = make_settings(
-        sim.base_url, GENLINE_PROVIDER_MAX_ATTEMPTS="1", GENLINE_BREAKER_THRESHOLD="2", GENLINE_BREAKER_COOLDOWN_S="30"
+        sim.base_url,
+        GENLINE_PROVIDER_MAX_ATTEMPTS="1",
+        GENLINE_BREAKER_THRESHOLD="2",
+        GENLINE_BREAKER_COOLDOWN_S="30",
+        GENLINE_PROVIDER_RATE_PER_S="100000",
     )
     upgrade(settings.database_url)
     rt = Runtime.from_settings(settings)
@@ -138,7 +143,7 @@ def test_a_402_pauses_paid_work_for_every_pipeline_and_says_why(
     assert status["status"] == "failed" and status["error"]["code"] == "provider_insufficient_balance"
     assert "run out of balance" in status["error"]["message"]
     assert rt.shared.get(PAUSE_KEY) == "provider_insufficient_balance"
-    second = api.submit(request_fields()).pipeline_id
+    second = api.submit(request_fields(description="A walnut cutting board, oiled, 40 cm.")).pipeline_id
     drain(rt)
     held = api.status(second)
     assert held["status"] == "running"  # waiting, not failed, and not charged an attempt

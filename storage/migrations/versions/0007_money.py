@@ -37,9 +37,9 @@ def upgrade() -> None:
         sa.Column("subject", sa.String(length=128), nullable=False),
         sa.Column("period", sa.String(length=8), nullable=False),
         sa.Column("period_start", sa.String(length=10), nullable=False),
-        sa.Column("limit_usd", MONEY, nullable=False),
-        sa.Column("reserved_usd", MONEY, nullable=False, server_default="0"),
-        sa.Column("spent_usd", MONEY, nullable=False, server_default="0"),
+        sa.Column("limit_micros", sa.BigInteger(), nullable=False),
+        sa.Column("reserved_micros", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.Column("spent_micros", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("alerted_pct", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_spend_caps")),
@@ -48,7 +48,7 @@ def upgrade() -> None:
         "spend_holds",
         sa.Column("pipeline_id", sa.String(length=40), nullable=False),
         sa.Column("cap_id", sa.String(length=300), nullable=False),
-        sa.Column("held_usd", MONEY, nullable=False, server_default="0"),
+        sa.Column("held_micros", sa.BigInteger(), nullable=False, server_default="0"),
         sa.ForeignKeyConstraint(
             ["pipeline_id"], ["pipelines.id"], name=op.f("fk_spend_holds_pipeline_id_pipelines"), ondelete="CASCADE"
         ),
