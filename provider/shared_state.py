@@ -19,16 +19,36 @@ if TYPE_CHECKING:
 
 PREFIX = "genline:"
 
-# A token bucket: seconds to wait (0 = a token was taken).
+# A token bucket: seconds to wait (0 = a token was taken). ``floor``: tokens this taker must leave
+# in the bucket (a lower priority leaves room for a higher one); ``max_wait``: a taker that would
+# wait at most this long takes its token now, on credit (the bucket goes below its floor, so the
+# next taker waits behind it); one that would wait longer takes nothing. ``cap``: a lower rate the
+# provider's answers asked for (empty: none).
 _BUCKET = """
-local function take(key, rate, burst, now)
+local function level(key, rate, burst, now)
   local state = redis.call('HMGET', key, 'tokens', 'at')
   local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-  tokens = math.min(burst, tokens + (now - at) * rate)
-  local wait = 0
-  if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+  return math.min(burst, tokens + (now - at) * rate)
+end
+local function keep(key, tokens, rate, burst, now)
   redis.call('HSET', key, 'tokens', tokens, 'at', now)
   redis.call('EXPIRE', key, math.ceil(burst / rate) + 60)
+end
+local function capped(rate, cap)
+  local c = tonumber(cap)
+  if c and c > 0 and c < rate then return c end
+  return rate
+end
+local function take(key, rate, burst, now, floor, max_wait)
+  floor, max_wait = floor or 0, max_wait or 0
+  local tokens = level(key, rate, burst, now)
+  local wait = 0
+  if tokens - 1 >= floor then tokens = tokens - 1
+  else
+    wait = (floor + 1 - tokens) / rate
+    if wait <= max_wait then tokens = tokens - 1 end
+  end
+  keep(key, tokens, rate, burst, now)
   return wait
 end
 """
@@ -37,7 +57,8 @@ end
 _TAKE_TOKEN = _BUCKET + "return tostring(take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])))"
 
 # ``admit`` in one round trip. ARGV: the parts asked for ('p'ause, 'r'ate, 'b'reaker, in that order),
-# now, rate, burst, probe ttl in ms; KEYS: the parts' keys in that order. Stops at the first part
+# now, rate, burst, probe ttl in ms, the rate's floor and longest wait on credit, '1' when a rate
+# cap key follows the bucket; KEYS: the parts' keys in that order. Stops at the first part
 # that refuses or waits, as the stages would. Returns the parts looked at, the pause reason, the
 # slow-down, the token wait, and 0/1 for breaker open, tripped and probe granted.
 _ADMIT_BODY = """
@@ -54,7 +75,9 @@ end
 if string.find(parts, 'r', 1, true) then
   seen = seen .. 'r'
   slow = redis.call('GET', nextkey()) or '0'
-  local w = take(nextkey(), tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+  local bucket, rate = nextkey(), tonumber(ARGV[3])
+  if ARGV[8] == '1' then rate = capped(rate, redis.call('GET', nextkey())) end
+  local w = take(bucket, rate, tonumber(ARGV[4]), now, tonumber(ARGV[6]), tonumber(ARGV[7]))
   wait = tostring(w)
   if w > 0 or (tonumber(slow) or 0) > 0 then return answer() end
 end
@@ -71,6 +94,40 @@ return answer()
 """
 _ADMIT = _BUCKET + _ADMIT_BODY
 
+# Up to ARGV[4] tokens at once, leaving ARGV[5] in the bucket (KEYS: slow-down, bucket, cap):
+# nothing while the provider asked us to slow down. Returns the tokens taken and, when fewer than
+# asked, the seconds until the next one.
+_TAKE_UP_TO = (
+    _BUCKET
+    + """
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local n, floor = tonumber(ARGV[4]), tonumber(ARGV[5])
+local slow = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if slow > 0 then return {0, tostring(slow)} end
+rate = capped(rate, redis.call('GET', KEYS[3]))
+local tokens = level(KEYS[2], rate, burst, now)
+local got = math.max(0, math.min(n, math.floor(tokens - floor)))
+tokens = tokens - got
+keep(KEYS[2], tokens, rate, burst, now)
+local wait = 0
+if got < n then wait = math.max(0, floor + 1 - tokens) / rate end
+return {got, tostring(wait)}
+"""
+)
+
+# Tokens taken and not used go back (never above the burst).
+_GIVE_BACK = (
+    _BUCKET
+    + """
+local burst, now, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+if not state[1] then return 0 end
+local tokens = math.min(burst, tonumber(state[1]) + n)
+redis.call('HSET', KEYS[1], 'tokens', tokens)
+return 1
+"""
+)
+
 # Delete those of KEYS that exist (no write when none does); returns their 1-based positions.
 _DELETE_EXISTING = """
 local gone = {}
@@ -81,6 +138,23 @@ return gone
 """
 
 _PARTS = ("pause", "rate", "breaker")
+
+
+@dataclass(frozen=True)
+class BudgetKeys:
+    """A request budget's keys: the slow-down (seconds, while set), the bucket, the rate cap."""
+
+    slow: str
+    bucket: str
+    cap: str
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """``take_up_to``'s answer: tokens taken, and seconds until the next one when fewer than asked."""
+
+    granted: int
+    wait_s: float = 0.0
 
 
 @dataclass
@@ -96,6 +170,9 @@ class Admission:
     rate_keys: tuple[str, str] | None = None  # slow-down, bucket
     rate_per_s: float = 1.0
     burst: float = 1.0
+    rate_cap_key: str | None = None  # a lower rate the provider's answers asked for, when set
+    rate_floor: float = 0.0  # tokens this call must leave in the bucket (its priority)
+    rate_max_wait_s: float = 0.0  # a token this close is taken now, on credit (the caller waits)
     breaker_keys: tuple[str, str, str] | None = None  # open, tripped, probe
     probe_ttl_s: float = 1.0
 
@@ -142,6 +219,14 @@ class SharedState(Protocol):
 
     def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
         """Take a token from a bucket refilled at ``rate_per_s``; seconds to wait when empty."""
+        ...
+
+    def take_up_to(self, keys: BudgetKeys, n: int, rate_per_s: float, burst: float, floor: float) -> Drawn:
+        """Up to ``n`` tokens at once, leaving ``floor`` in the bucket; none while slowed down."""
+        ...
+
+    def give_back(self, bucket: str, n: int, burst: float) -> None:
+        """Return ``n`` tokens taken and not used."""
         ...
 
     def admit(self, admission: Admission) -> Admitted:
@@ -206,17 +291,52 @@ class LocalSharedState:
         with self._lock:
             return self._take_token(key, rate_per_s, burst)
 
-    def _take_token(self, key: str, rate_per_s: float, burst: float) -> float:
-        now = self._clock()
+    def _level(self, key: str, rate_per_s: float, burst: float) -> float:
+        now = float(self._clock())
         tokens, at = self._buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - at) * rate_per_s)
+        return min(burst, tokens + (now - at) * rate_per_s)
+
+    def _capped(self, rate_per_s: float, cap_key: str | None) -> float:
+        cap = float(self._live(cap_key) or 0.0) if cap_key is not None else 0.0
+        return cap if 0 < cap < rate_per_s else rate_per_s
+
+    def _take_token(
+        self, key: str, rate_per_s: float, burst: float, floor: float = 0.0, max_wait_s: float = 0.0
+    ) -> float:
+        tokens = self._level(key, rate_per_s, burst)
         wait = 0.0
-        if tokens >= 1:
+        if tokens - 1 >= floor:
             tokens -= 1
         else:
-            wait = (1 - tokens) / rate_per_s
-        self._buckets[key] = (tokens, now)
+            wait = (floor + 1 - tokens) / rate_per_s
+            if wait <= max_wait_s:  # on credit: the caller waits, the next taker waits behind it
+                tokens -= 1
+        self._buckets[key] = (tokens, self._clock())
         return wait
+
+    def take_up_to(self, keys: BudgetKeys, n: int, rate_per_s: float, burst: float, floor: float) -> Drawn:
+        with self._lock:
+            return self._take_up_to(keys, n, rate_per_s, burst, floor)
+
+    def _take_up_to(self, keys: BudgetKeys, n: int, rate_per_s: float, burst: float, floor: float) -> Drawn:
+        slow = float(self._live(keys.slow) or 0.0)
+        if slow > 0:
+            return Drawn(0, slow)
+        rate = self._capped(rate_per_s, keys.cap)
+        tokens = self._level(keys.bucket, rate, burst)
+        got = max(0, min(n, int(tokens - floor)))
+        tokens -= got
+        self._buckets[keys.bucket] = (tokens, self._clock())
+        return Drawn(got, max(0.0, floor + 1 - tokens) / rate if got < n else 0.0)
+
+    def give_back(self, bucket: str, n: int, burst: float) -> None:
+        with self._lock:
+            self._give_back(bucket, n, burst)
+
+    def _give_back(self, bucket: str, n: int, burst: float) -> None:
+        if bucket in self._buckets:
+            tokens, at = self._buckets[bucket]
+            self._buckets[bucket] = (min(burst, tokens + n), at)
 
     def admit(self, admission: Admission) -> Admitted:
         with self._lock:
@@ -226,7 +346,10 @@ class LocalSharedState:
             if admission.rate_keys is not None:
                 slow_key, bucket_key = admission.rate_keys
                 slow = float(self._live(slow_key) or 0.0)
-                wait = self._take_token(bucket_key, admission.rate_per_s, admission.burst)
+                rate = self._capped(admission.rate_per_s, admission.rate_cap_key)
+                wait = self._take_token(
+                    bucket_key, rate, admission.burst, admission.rate_floor, admission.rate_max_wait_s
+                )
                 if wait > 0 or slow > 0:
                     return Admitted(rate_checked=True, slow_s=slow, token_wait_s=wait)
             rate_checked = admission.rate_keys is not None
@@ -263,6 +386,8 @@ class RedisSharedState:
         self._errors = (redis.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
         self._take = self._redis.register_script(_TAKE_TOKEN)
+        self._take_up_to = self._redis.register_script(_TAKE_UP_TO)
+        self._give_back = self._redis.register_script(_GIVE_BACK)
         self._admit = self._redis.register_script(_ADMIT)
         self._delete_existing = self._redis.register_script(_DELETE_EXISTING)
         self._warned = False
@@ -305,6 +430,21 @@ class RedisSharedState:
     def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
         return float(self._fail_open(0.0, self._take, keys=[PREFIX + key], args=[rate_per_s, burst, time.time()]))
 
+    def take_up_to(self, keys: BudgetKeys, n: int, rate_per_s: float, burst: float, floor: float) -> Drawn:
+        raw = self._fail_open(
+            None,
+            self._take_up_to,
+            keys=[PREFIX + keys.slow, PREFIX + keys.bucket, PREFIX + keys.cap],
+            args=[rate_per_s, burst, time.time(), n, floor],
+        )
+        if raw is None:  # fail open: every poll due is read
+            return Drawn(n)
+        return Drawn(int(raw[0]), float(raw[1]))
+
+    def give_back(self, bucket: str, n: int, burst: float) -> None:
+        if n > 0:
+            self._fail_open(None, self._give_back, keys=[PREFIX + bucket], args=[burst, time.time(), n])
+
     def close(self) -> None:
         self._redis.close()
 
@@ -312,15 +452,27 @@ class RedisSharedState:
         keys: list[str] = []
         if admission.pause_key is not None:
             keys.append(admission.pause_key)
+        capped = admission.rate_keys is not None and admission.rate_cap_key is not None
         if admission.rate_keys is not None:
             keys += admission.rate_keys
+            if admission.rate_cap_key is not None:
+                keys.append(admission.rate_cap_key)
         if admission.breaker_keys is not None:
             keys += admission.breaker_keys
         if not keys:
             return Admitted()
         parts = "".join(part[0] for part in admission.parts())
         probe_ms = max(1, int(admission.probe_ttl_s * 1000))
-        args = [parts, time.time(), admission.rate_per_s, admission.burst, probe_ms]
+        args = [
+            parts,
+            time.time(),
+            admission.rate_per_s,
+            admission.burst,
+            probe_ms,
+            admission.rate_floor,
+            admission.rate_max_wait_s,
+            "1" if capped else "0",
+        ]
         raw = self._fail_open(None, self._admit, keys=[PREFIX + k for k in keys], args=args)
         if raw is None:
             return Admitted.all_clear(admission)
@@ -435,12 +587,29 @@ class DatabaseSharedState:
     def take_token(self, key: str, rate_per_s: float, burst: float) -> float:
         return float(self._run([], [key], lambda v: v.take_token(key, rate_per_s, burst), 0.0))
 
+    def take_up_to(self, keys: BudgetKeys, n: int, rate_per_s: float, burst: float, floor: float) -> Drawn:
+        return cast(
+            Drawn,
+            self._run(
+                [keys.slow, keys.cap],
+                [keys.bucket],
+                lambda v: v.take_up_to(keys, n, rate_per_s, burst, floor),
+                Drawn(n),
+            ),
+        )
+
+    def give_back(self, bucket: str, n: int, burst: float) -> None:
+        if n > 0:
+            self._run([], [bucket], lambda v: v.give_back(bucket, n, burst), None)
+
     def admit(self, admission: Admission) -> Admitted:
         keys = [k for k in (admission.pause_key,) if k is not None]
         buckets: list[str] = []
         if admission.rate_keys is not None:
             keys.append(admission.rate_keys[0])
             buckets.append(admission.rate_keys[1])
+            if admission.rate_cap_key is not None:
+                keys.append(admission.rate_cap_key)
         if admission.breaker_keys is not None:
             keys += admission.breaker_keys
         if not keys and not buckets:

@@ -28,6 +28,7 @@ from genline.pipelines.engine import run_step
 from genline.pipelines.runtime import Runtime
 from genline.provider.gateway import CallContext
 from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
+from genline.provider.stages import RequestBudget
 from genline.provider.wire import SubmitResult
 from genline.storage.migrate import upgrade
 from genline.storage.models import ProviderCall, ProviderJob, Step, StoredObject
@@ -247,6 +248,9 @@ def test_a_link_that_can_never_work_fails_at_once_and_fifty_good_copies_are_all_
 def test_a_copy_that_keeps_failing_waits_its_own_backoff_and_never_takes_the_turn_of_the_others(
     rt: Runtime, request_fields: RequestFn
 ) -> None:
+    # The drain must end within the poisoned copy's first backoff: a request budget that held
+    # the fifty downloads (or the polls before them) back would let it come due again.
+    rt.budget = RequestBudget.for_limit(rt.shared, 1_000_000)
     store_steps = _fifty_one_copies_waiting(rt, request_fields)
     poisoned = store_steps[0]
     _poison(rt, poisoned, "http://127.0.0.1:9/video.mp4")  # nothing listens: refused, every time

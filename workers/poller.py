@@ -14,14 +14,30 @@ go in by ``COPY``. A completed job is finished by Core statements too (the job's
 engine's ``finish_step``, which the worker's completions use); only the rare endings (failed,
 cancelled, unknown to the provider) load ORM objects and go through ``fail_step``, in the same
 transaction. The reads go through the gateway on ``provider.poll_client.make_task_reader``'s reader.
+
+Every read draws on the provider key's request budget (``provider.stages.RequestBudget``), a
+round's tokens in one shared-state round trip: the round's jobs are read earliest due first as far
+as the budget goes, and the rest keep their place in line for the next round, so when the budget
+cannot cover every poll due the cadence stretches evenly (logged as ``poll_cadence_stretched``,
+and held in the shared state under ``STRETCH_KEY`` for ``genline`` status readers). A 429 or a low
+``x-ratelimit-remaining`` among a round's answers tightens the budget for every process.
+
+When a job is read is planned by ``plan_delay`` and ``first_poll_at`` (``GENLINE_POLL_SCHEDULE``):
+with ``expected`` (the default) a job's first read comes near its expected finish (the provider's
+estimate, else the model's recent median render time from our own rows, else the cadence), its
+progress then tells when it will finish, and past that it is read every
+``GENLINE_POLL_INTERVAL_S``; with ``fixed``, every ``GENLINE_POLL_INTERVAL_S`` from the submit on.
+A job whose first poll is not near yet is not read: the round only moves its poll time (no request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +50,7 @@ from sqlalchemy.orm import Session
 
 from genline.config.clock import utcnow
 from genline.config.constants import PIPELINE_TERMINAL, JobStatus
-from genline.config.errors import AccountError, ProviderError, ProviderNotFound
+from genline.config.errors import AccountError, ProviderError, ProviderNotFound, RateLimited
 from genline.config.logging import get_logger
 from genline.pipelines.audit import write_audit_many
 from genline.pipelines.engine import (
@@ -49,7 +65,7 @@ from genline.pipelines.engine import (
 from genline.pipelines.runtime import Runtime
 from genline.provider.gateway import CallContext, CallRecord, Gateway, MemoryAuditSink, TaskReader
 from genline.provider.poll_client import make_task_reader
-from genline.provider.stages import PAUSE_KEY, pause_paid_work
+from genline.provider.stages import PAUSE_KEY, POLL_FLOOR, STRETCH_KEY, pause_paid_work
 from genline.provider.wire import TaskState
 from genline.storage.models import Pipeline, ProviderJob, Step, UTCDateTime
 from genline.workers.sweeper import sweep
@@ -66,6 +82,23 @@ class LeaseLost(Exception):  # noqa: N818  # not an error: a job skipped
 
 
 LEASE_LOST = LeaseLost("claim held past half its lease; left to the next claim")
+
+
+class NotYet(Exception):  # noqa: N818  # not an error: a job not read this round
+    """The answer for a claimed job that was not read: its first poll is not near yet (``DEFERRED``)
+    or the request budget did not cover it this round (``UNFUNDED``); no request was made."""
+
+
+DEFERRED = NotYet("first poll not near yet")
+UNFUNDED = NotYet("not covered by the request budget this round")
+LEAD = 0.8  # a job's first read comes at this share of its expected render time
+FINISH_MARGIN_S = 0.25  # read this long after the finish its progress points to
+PROGRESS_MIN = 5  # below this a job's progress says too little to extrapolate from
+LONGEST_WAIT_S = 600.0  # no planned wait between two reads of a job is longer
+DEFER_SLOTS = 20  # claimed beyond the budget's tokens each round: first polls only move, free
+MEDIAN_REFRESH_S = 60.0
+MEDIAN_MIN_SAMPLES = 5
+STRETCH_LOG_EVERY_S = 10.0
 _POLLED_SQL = ", ".join(f"'{s}'" for s in POLLED)  # constants, not input
 _JOBS = cast(Table, ProviderJob.__table__)
 _STEPS = cast(Table, Step.__table__)
@@ -88,7 +121,7 @@ _CLAIM_PG = f"""
     WHERE j.id = due.id AND st.id = j.step_id AND p.id = st.pipeline_id
     RETURNING j.id, j.task_id, j.kind, j.step_id, j.model, j.units, j.estimated_time_s,
         CAST(EXTRACT(EPOCH FROM j.submitted_at) AS float8), CAST(EXTRACT(EPOCH FROM j.next_poll_at) AS float8),
-        j.polls, p.user_id, p.feature, p.id
+        j.polls, p.user_id, p.feature, p.id, p.priority
 """
 
 # PostgreSQL: every routine answer of a round in one statement. NULL keeps the column as it is;
@@ -98,7 +131,7 @@ _CLAIM_PG = f"""
 _ROUTINE_PG = f"""
     UPDATE provider_jobs AS j SET
         lease_until = NULL,
-        polls = j.polls + 1,
+        polls = j.polls + v.bump,
         status = COALESCE(v.status, j.status),
         progress = COALESCE(v.progress, j.progress),
         estimated_time_s = COALESCE(v.estimated_time_s, j.estimated_time_s),
@@ -108,8 +141,9 @@ _ROUTINE_PG = f"""
         string_to_array(%(statuses)s, ',', ''),
         CAST(string_to_array(%(progress)s, ',', '') AS integer[]),
         CAST(string_to_array(%(estimates)s, ',', '') AS integer[]),
-        CAST(string_to_array(%(next_s)s, ',') AS float8[])
-    ) AS v(id, status, progress, estimated_time_s, next_s)
+        CAST(string_to_array(%(next_s)s, ',') AS float8[]),
+        CAST(string_to_array(%(bumps)s, ',') AS integer[])
+    ) AS v(id, status, progress, estimated_time_s, next_s, bump)
     WHERE j.id = v.id AND j.status IN ({_POLLED_SQL})
 """
 
@@ -137,7 +171,7 @@ _ROUTINE_ANY = (
     .where(_JOBS.c.id == bindparam("b_id"), or_(*(_JOBS.c.status == status for status in POLLED)))
     .values(
         lease_until=None,
-        polls=_JOBS.c.polls + 1,
+        polls=_JOBS.c.polls + bindparam("b_bump", type_=Integer()),
         status=func.coalesce(bindparam("b_status", type_=String()), _JOBS.c.status),
         progress=func.coalesce(bindparam("b_progress", type_=Integer()), _JOBS.c.progress),
         estimated_time_s=func.coalesce(bindparam("b_estimate", type_=Integer()), _JOBS.c.estimated_time_s),
@@ -171,6 +205,7 @@ class Sorted:
     progress: list[int | None] = field(default_factory=list)
     estimates: list[int | None] = field(default_factory=list)
     next_s: list[float] = field(default_factory=list)
+    bumps: list[int] = field(default_factory=list)  # 1: a read (counted in ``polls``); 0: none made
     ended: list[tuple[Claimed, TaskState | BaseException]] = field(default_factory=list)
 
     def routine_params(self) -> dict[str, Any]:
@@ -181,6 +216,7 @@ class Sorted:
             "progress": ",".join(["" if p is None else str(p) for p in self.progress]),
             "estimates": ",".join(["" if e is None else str(e) for e in self.estimates]),
             "next_s": ",".join(map(repr, self.next_s)),
+            "bumps": ",".join(map(str, self.bumps)),
         }
 
 
@@ -196,6 +232,37 @@ def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> fl
     if overrun > 2:
         return min(60.0, interval * min(8.0, overrun - 1))
     return interval
+
+
+def plan_delay(
+    interval: float, elapsed_s: float, estimated_s: float | None, progress: int | None, *, schedule: str = "expected"
+) -> float:
+    """Seconds to a running job's next read, planned from what its last answer said.
+
+    ``fixed``: the cadence, as genline always polled (``next_delay``: stretched only early in a
+    render far longer than the cadence, and once a job runs past twice its estimate).
+    ``expected``: where its progress points to a finish (a job ``p``% through after ``elapsed_s``
+    finishes by ``elapsed_s * 100 / p``, progress being rounded down), read just after it; with no
+    progress to go by, at ``LEAD`` of its expected time; a job past twice its estimate is read less
+    often (``next_delay``); otherwise the cadence. Never sooner than the cadence, never later than
+    ``LONGEST_WAIT_S``."""
+    if schedule == "fixed":
+        return next_delay(interval, elapsed_s, int(estimated_s) if estimated_s else None)
+    if progress is not None and PROGRESS_MIN <= progress < 99 and elapsed_s > 0:
+        finish = elapsed_s * 100.0 / progress + FINISH_MARGIN_S
+        return min(LONGEST_WAIT_S, max(interval, finish - elapsed_s))
+    if estimated_s and elapsed_s < LEAD * estimated_s:
+        return min(LONGEST_WAIT_S, max(interval, LEAD * estimated_s - elapsed_s))
+    return next_delay(interval, elapsed_s, int(estimated_s) if estimated_s else None)
+
+
+def first_poll_at(submitted_s: float | None, expected_s: float | None, now_s: float, interval: float) -> float | None:
+    """When a job not read yet should first be read, if that is more than a cadence away: at
+    ``LEAD`` of its expected render time. None: read it now."""
+    if submitted_s is None or not expected_s:
+        return None
+    at = submitted_s + min(LONGEST_WAIT_S, LEAD * expected_s)
+    return at if at - now_s > interval else None
 
 
 def next_poll_s(due_s: float, now_s: float, delay: float) -> float:
@@ -237,6 +304,14 @@ class Poller:
         # Told, after each round is written, how late each of its polls was applied (applied time
         # minus due time, in seconds): what the benchmark and the metrics read. None: not measured.
         self.on_applied = on_applied
+        self.budget = rt.budget
+        self.expected = self.settings.poll_schedule == "expected"
+        # Each model's median render time (submit to completion) over its recent jobs.
+        self.medians: dict[str, float] = {}
+        self._medians_at = -MEDIAN_REFRESH_S
+        self.stretched_since: float | None = None
+        self._stretch_logged = 0.0
+        self.budget_wait_s = 0.0  # after a round the budget did not cover: until the next token
 
     async def _gateway(self) -> Gateway:
         if self.gateway is None:
@@ -252,6 +327,8 @@ class Poller:
     def claim(self, limit: int | None = None) -> list[Claimed]:
         """Lease up to ``limit`` (``poller_batch``) due jobs; they come back earliest due first."""
         limit = self.settings.poller_batch if limit is None else limit
+        if self.expected and time.monotonic() - self._medians_at > MEDIAN_REFRESH_S:
+            self.refresh_medians()
         deadline = time.monotonic() + self.settings.lease_s / 2  # half the lease: room to write
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.lease_s)
@@ -272,7 +349,7 @@ class Poller:
                 task_id or "",
                 kind,
                 step_id,
-                CallContext(user_id, feature, pipeline_id, step_id, model),
+                CallContext(user_id, feature, pipeline_id, step_id, model, batch=priority == "batch"),
                 units,
                 estimated,
                 submitted_s,
@@ -294,6 +371,7 @@ class Poller:
                 user_id,
                 feature,
                 pipeline_id,
+                priority,
             ) in rows
         ]
         claimed.sort(key=lambda c: c.due_s)
@@ -332,12 +410,31 @@ class Poller:
                 _PIPELINES.c.user_id,
                 _PIPELINES.c.feature,
                 _PIPELINES.c.id,
+                _PIPELINES.c.priority,
             )
             .join(_STEPS, _STEPS.c.id == jobs.step_id)
             .join(_PIPELINES, _PIPELINES.c.id == _STEPS.c.pipeline_id)
             .where(jobs.id.in_(ids))
         ).all()
         return [(*r[:7], _epoch(r[7]), _epoch(r[8]), *r[9:]) for r in rows]
+
+    def refresh_medians(self) -> None:
+        """Each model's median render time over its jobs completed in the last day (at most the
+        latest 5,000): the expected time of a job whose provider gave no estimate."""
+        self._medians_at = time.monotonic()
+        since = utcnow() - timedelta(days=1)
+        jobs = _JOBS.c
+        query = (
+            select(jobs.model, jobs.submitted_at, jobs.completed_at)
+            .where(jobs.status == JobStatus.COMPLETED.value, jobs.completed_at > since, jobs.submitted_at.is_not(None))
+            .order_by(jobs.completed_at.desc())
+            .limit(5000)
+        )
+        times: dict[str, list[float]] = {}
+        with self.rt.db.transaction() as s:
+            for model, submitted, completed in s.execute(query):
+                times.setdefault(model, []).append(max(0.0, (completed - submitted).total_seconds()))
+        self.medians = {m: statistics.median(t) for m, t in times.items() if len(t) >= MEDIAN_MIN_SAMPLES}
 
     def release(self, claimed: list[Claimed]) -> None:
         """End the leases of claimed jobs that will not be read, so any poller may take them now."""
@@ -367,7 +464,12 @@ class Poller:
         answer is a ``LeaseLost`` and the job is left to the next claim."""
         gateway = await self._gateway()
         answers: list[TaskState | BaseException] = [LEASE_LOST] * len(claimed)
-        work = iter(enumerate(claimed))
+        reads = self.plan_reads(claimed, answers)
+        granted = (await asyncio.to_thread(self.budget.draw_polls, len(reads))).granted if reads else 0
+        for i in reads[granted:]:
+            answers[i] = UNFUNDED
+        self.note_stretch(claimed, len(reads), granted)
+        work = iter((i, claimed[i]) for i in reads[:granted])
         monotonic = time.monotonic
 
         async def reader() -> None:
@@ -379,12 +481,68 @@ class Poller:
                 except Exception as exc:  # noqa: BLE001  # an answer like any other: _on_error decides
                     answers[i] = exc
 
-        readers = min(self.settings.poller_concurrency, len(claimed))
+        readers = min(self.settings.poller_concurrency, granted)
         if readers == 1:
             await reader()
         elif readers:
             await asyncio.gather(*(reader() for _ in range(readers)))
+        self.watch_rate_limit(answers)
         return answers
+
+    def plan_reads(self, claimed: list[Claimed], answers: list[TaskState | BaseException]) -> list[int]:
+        """Which claimed jobs are read this round (their indexes, earliest due first): all, but
+        with ``expected`` polling a job never read whose expected finish is far off is
+        ``DEFERRED`` (its first poll moves there; no request)."""
+        if not self.expected:
+            return list(range(len(claimed)))
+        now_s, interval, reads = time.time(), self.settings.poll_interval_s, []
+        for i, c in enumerate(claimed):
+            if c.polls == 0:
+                expected = c.estimated_time_s or self.medians.get(c.ctx.model or "")
+                if first_poll_at(c.submitted_s, expected, now_s, interval) is not None:
+                    answers[i] = DEFERRED
+                    continue
+            reads.append(i)
+        return reads
+
+    def note_stretch(self, claimed: list[Claimed], wanted: int, granted: int) -> None:
+        """Make a stretched cadence visible: a log event (at most every ``STRETCH_LOG_EVERY_S``),
+        and ``STRETCH_KEY`` in the shared state while it lasts; and when it ends."""
+        now = time.monotonic()
+        if granted >= wanted:
+            self.budget_wait_s = 0.0
+            if self.stretched_since is not None:
+                log.info("poll_cadence_restored", stretched_s=round(now - self.stretched_since, 1))
+                self.stretched_since = None
+                self.rt.shared.delete(STRETCH_KEY)
+            return
+        # until the bucket holds a round's worth again (what the polls may take of its burst)
+        self.budget_wait_s = max(0.01, min(1.0, self.budget.burst * (1 - POLL_FLOOR) / max(self.budget.rate, 1e-3)))
+        if self.stretched_since is None:
+            self.stretched_since = now
+        if now - self._stretch_logged >= STRETCH_LOG_EVERY_S:
+            self._stretch_logged = now
+            behind = max(0.0, time.time() - claimed[0].due_s) if claimed else 0.0
+            info = {"due": wanted, "read": granted, "behind_s": round(behind, 2), "rate_per_s": self.budget.rate}
+            log.warning("poll_cadence_stretched", **info)
+            self.rt.shared.set(STRETCH_KEY, json.dumps(info), STRETCH_LOG_EVERY_S * 2)
+
+    def watch_rate_limit(self, answers: list[TaskState | BaseException]) -> None:
+        """What a round's answers said of the provider's limit, told to the budget once a round: a
+        429 tightens it for every process; a low ``x-ratelimit-remaining`` slows everyone down."""
+        refused = [
+            a
+            for a in answers
+            if isinstance(a, RateLimited)
+            and not a.nothing_sent
+            and self.budget.about_our_key(a.answer.ratelimit_remaining if a.answer is not None else None)
+        ]
+        if refused:
+            self.budget.provider_refused(max((a.retry_after or 1.0) for a in refused), count=len(refused))
+            return
+        remaining = [r.ratelimit_remaining for r in self.audit.records if r.ratelimit_remaining is not None]
+        if remaining:
+            self.budget.saw_remaining(min(remaining))
 
     # --- apply ---------------------------------------------------------------------------------
     def sort_answers(self, claimed: list[Claimed], answers: list[TaskState | BaseException], now_s: float) -> Sorted:
@@ -406,11 +564,23 @@ class Poller:
                 out.statuses.append(answer.status if answer.known_status else None)
                 out.progress.append(answer.progress)
                 out.estimates.append(estimate)
-                out.next_s.append(
-                    next_poll_s(c.due_s, now_s, next_delay(interval, elapsed, estimate or c.estimated_time_s))
-                )
+                out.bumps.append(1)
+                expected = estimate or c.estimated_time_s or self.medians.get(c.ctx.model or "")
+                delay = plan_delay(interval, elapsed, expected, answer.progress, schedule=self.settings.poll_schedule)
+                out.next_s.append(next_poll_s(c.due_s, now_s, delay))
             elif answer is LEASE_LOST:
                 continue
+            elif isinstance(answer, NotYet):  # no request made: only the poll time moves
+                out.ids.append(c.job_id)
+                out.statuses.append(None)
+                out.progress.append(None)
+                out.estimates.append(None)
+                out.bumps.append(0)
+                if answer is DEFERRED:
+                    expected = c.estimated_time_s or self.medians.get(c.ctx.model or "")
+                    out.next_s.append(first_poll_at(c.submitted_s, expected, now_s, interval) or now_s)
+                else:  # its place in line (its due time) is kept for the next round
+                    out.next_s.append(c.due_s)
             elif isinstance(answer, ProviderNotFound):
                 out.ended.append((c, answer))
             else:
@@ -418,6 +588,7 @@ class Poller:
                 out.statuses.append(None)
                 out.progress.append(None)
                 out.estimates.append(None)
+                out.bumps.append(1)
                 out.next_s.append(now_s + self._retry_delay(c.task_id, c.polls + 1, answer))
         return out
 
@@ -439,7 +610,9 @@ class Poller:
                 effects = self._apply_ended(s, todo.ended, now_s)
         if self.on_applied is not None:
             done = time.time()
-            self.on_applied([done - c.due_s for c, a in zip(claimed, answers, strict=True) if a is not LEASE_LOST])
+            self.on_applied(
+                [done - c.due_s for c, a in zip(claimed, answers, strict=True) if not isinstance(a, LeaseLost | NotYet)]
+            )
         return effects
 
     def _book_each_completion_once(self, s: Session, todo: Sorted, records: list[CallRecord]) -> None:
@@ -475,9 +648,10 @@ class Poller:
                     "b_progress": progress,
                     "b_estimate": estimate,
                     "b_next": datetime.fromtimestamp(next_s, UTC),
+                    "b_bump": bump,
                 }
-                for job_id, status, progress, estimate, next_s in zip(
-                    todo.ids, todo.statuses, todo.progress, todo.estimates, todo.next_s, strict=True
+                for job_id, status, progress, estimate, next_s, bump in zip(
+                    todo.ids, todo.statuses, todo.progress, todo.estimates, todo.next_s, todo.bumps, strict=True
                 )
             ],
         )
@@ -529,7 +703,7 @@ class Poller:
                 "b_id": c.job_id,
                 "b_result": assets,
                 "b_completed": completed,
-                "b_cost": self.rt.catalog.model(model).media_cost(c.units),
+                "b_cost": self.rt.catalog.model(model, now).media_cost(c.units, batch=c.ctx.batch),
             },
         )
         if job.rowcount != 1:
@@ -548,6 +722,8 @@ class Poller:
         interval = self.settings.poll_interval_s
         if isinstance(err, AccountError):  # ``watch_account`` paused paid work and holds the poller
             return max(ACCOUNT_PROBE_S, interval)
+        if isinstance(err, RateLimited):  # the budget waits it out for everyone (``watch_rate_limit``)
+            return max(interval, err.retry_after or interval)
         code = err.code if isinstance(err, ProviderError) else type(err).__name__
         if not isinstance(err, ProviderError):
             log.error("poll_crashed", task_id=task_id, error=repr(err))
@@ -587,7 +763,13 @@ class Poller:
         job.progress = state.progress
         if state.estimated_time_s:
             job.estimated_time_s = state.estimated_time_s
-        delay = next_delay(self.settings.poll_interval_s, elapsed, job.estimated_time_s)
+        delay = plan_delay(
+            self.settings.poll_interval_s,
+            elapsed,
+            job.estimated_time_s,
+            state.progress,
+            schedule=self.settings.poll_schedule,
+        )
         job.next_poll_at = datetime.fromtimestamp(next_poll_s(c.due_s, now.timestamp(), delay), UTC)
         return Effects()
 
@@ -597,15 +779,24 @@ class Poller:
         401/402 one probe every ``ACCOUNT_PROBE_S`` (none in between). An operator's
         ``genline provider resume`` ends the hold at once."""
         if self.held_since is None:
-            return self.settings.poller_batch
+            return self.batch_limit()
         if self.rt.shared.get(PAUSE_KEY) is None:
             log.info("poller_account_hold_lifted", held_s=round(time.monotonic() - self.held_since, 1))
             self.held_since = None
-            return self.settings.poller_batch
+            return self.batch_limit()
         if time.monotonic() - self._last_probe < ACCOUNT_PROBE_S:
             return 0
         self._last_probe = time.monotonic()
         return 1
+
+    def batch_limit(self) -> int:
+        """``poller_batch``; while the budget stretches the cadence, about what it covers in one
+        round (what the polls may take of its burst; the poller waits for it to refill between
+        rounds), and a few first polls that only move: claiming more would only give the rest back."""
+        if self.stretched_since is None:
+            return self.settings.poller_batch
+        covered = int(self.budget.burst * (1 - POLL_FLOOR)) + 1
+        return max(1, min(self.settings.poller_batch, covered + (DEFER_SLOTS if self.expected else 0)))
 
     def watch_account(self, answers: list[TaskState | BaseException]) -> None:
         """A 401/402 on a read pauses paid work for every process (as a worker's call does) and
@@ -686,6 +877,9 @@ class Poller:
                         ahead = None
                     count = 0
                     await asyncio.sleep(1.0)
+                if count and self.budget_wait_s > 0:  # the budget ran short: let it refill a little
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self.budget_wait_s)
                 if count == 0:
                     nap = max(0.005, min(idle_s, await asyncio.to_thread(self.seconds_to_next_due)))
                     if doorbell is not None:  # a new job rings it: its first poll is then on time

@@ -20,8 +20,10 @@ from sqlalchemy import and_, or_, select
 from genline.config.clock import utcnow
 from genline.config.constants import PIPELINE_TERMINAL, StepKind, StepStatus
 from genline.config.logging import get_logger
-from genline.pipelines.dispatch import queue_for
+from genline.pipelines.callbacks import deliver_due
+from genline.pipelines.dispatch import nudge
 from genline.pipelines.engine import Effects, apply_effects, fail_step, may_retry
+from genline.pipelines.retention import maybe_run_retention
 from genline.pipelines.runtime import Runtime
 from genline.provider.stages import alert
 from genline.storage.models import Pipeline, Step
@@ -78,7 +80,7 @@ def sweep(rt: Runtime, *, limit: int = 500) -> int:
             step.status = StepStatus.QUEUED
             step.lease_owner = step.lease_until = None
             step.updated_at = now
-            effects.nudges.append((step.id, queue_for(step.kind, step.pipeline.priority)))
+            effects.nudges.append(nudge(step.id, step.kind, step.pipeline.priority, step.pipeline_id))
         at_risk = s.execute(
             select(Step.id, Step.pipeline_id, Step.deadline_at)
             .where(
@@ -99,4 +101,6 @@ def sweep(rt: Runtime, *, limit: int = 500) -> int:
                 seconds_left=round((deadline - now).total_seconds(), 1),
             )
     apply_effects(rt, effects)
+    deliver_due(rt)  # webhooks: retries that fell due, and alerts raised since (pipelines/callbacks.py)
+    maybe_run_retention(rt)  # hourly (GENLINE_RETENTION_EVERY_S): outputs and audit rows past retention
     return touched

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import fnmatch
 import functools
 import hashlib
@@ -43,11 +44,20 @@ FAULT_WORDS = ("timeout", "non_json", "missing_fields")
 
 
 def load_prices(path: str | Path = DEFAULT_CATALOG) -> dict[str, dict[str, Any]]:
-    """The ``models`` map of a catalog file."""
+    """Each model's rates from a catalog file, as the provider bills today: a model's flat rates,
+    overlaid by its newest dated entry (``prices``) already in effect."""
     models = json.loads(Path(path).read_text())["models"]
     if not isinstance(models, dict):
         raise ValueError(f"{path}: 'models' is not an object")
-    return models
+    today = datetime.date.today().isoformat()
+    billed: dict[str, dict[str, Any]] = {}
+    for name, entry in models.items():
+        dated = sorted(
+            (p for p in entry.get("prices", []) if str(p.get("effective_from", "")) <= today),
+            key=lambda p: str(p["effective_from"]),
+        )
+        billed[name] = {**{k: v for k, v in entry.items() if k != "prices"}, **(dated[-1] if dated else {})}
+    return billed
 
 
 @dataclass
@@ -90,6 +100,15 @@ class SimConfig:
     submit_shape: str = "by_model"
     url_shape: str = "by_model"
     rate_limit_per_s: int = 1000
+    # Render times by model: nominal seconds submit -> completed per model (others: image_seconds /
+    # video_seconds). Each job's own time is drawn around it in two parts: ``render_spread_*``
+    # (a factor the provider knows: its ``estimated_time`` says it), then ``render_jitter_*`` (a
+    # factor it does not: the job finishes that much before or after its estimate). All 1: exact.
+    render_seconds: dict[str, float] = field(default_factory=dict)
+    render_spread_low: float = 1.0
+    render_spread_high: float = 1.0
+    render_jitter_low: float = 1.0
+    render_jitter_high: float = 1.0
     honour_idempotency: bool = True  # False imitates a provider that ignores Idempotency-Key
     prices: dict[str, dict[str, Any]] = field(default_factory=load_prices, repr=False)
 
@@ -125,6 +144,12 @@ class SimConfig:
             raise ValueError(f"video_bytes must be at least {MP4_MIN_SIZE}")
         if not 1 <= self.image_px <= 4096:
             raise ValueError("image_px must be between 1 and 4096")
+        for low, high in (("render_spread_low", "render_spread_high"), ("render_jitter_low", "render_jitter_high")):
+            if not 0 < getattr(self, low) <= getattr(self, high):
+                raise ValueError(f"{low} must be above 0 and at most {high}")
+        for model, seconds in self.render_seconds.items():
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds < 1e6:
+                raise ValueError(f"render_seconds[{model!r}] must be a number of seconds")
         if self.rate_limit_per_s < 1:
             raise ValueError("rate_limit_per_s must be at least 1")
         if self.poisoned_link_every < 0:

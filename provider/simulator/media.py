@@ -320,6 +320,7 @@ class Job:
     digests: dict[int, tuple[int, str]] = field(default_factory=dict)
     cancelled_at: float | None = None  # set by POST /v1/tasks/{id}/cancel
     poisoned: bool = False  # its result link points where nothing answers (SimConfig.poisoned_link_every)
+    estimate_factor: float = 1.0  # its ``estimated_time`` is ``duration_s`` times this (render jitter)
 
     @property
     def ext(self) -> str:
@@ -339,7 +340,9 @@ class Job:
 
     @property
     def estimated_time(self) -> int:
-        return max(1, math.ceil(self.duration_s))
+        """Whole seconds, at least 1, except for a job that renders at once (0)."""
+        estimate = self.duration_s * self.estimate_factor
+        return max(1, math.ceil(estimate)) if estimate > 0 else 0
 
     def phase(self, now: float) -> tuple[str, int]:
         """``(status, progress)`` at ``now``."""

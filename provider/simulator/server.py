@@ -11,11 +11,18 @@ temporary result files (``GET /files/{task_id}/{index}.png|mp4``) and the admin 
     GET  /_sim/faults             scripted faults not yet used
     POST /_sim/faults             {"script": [{method, path, status, times, retry_after}], "replace": false}
     POST /_sim/jobs               {kind, count, key_prefix?, ...a submit's body}: many jobs at once
+                                  (their task_ids, estimated_times and done_at)
     POST /_sim/reset              forget jobs, counters and scripts
 
 ``SimState`` holds jobs and counters. No background task runs: a job's status follows from the clock
 (see ``media.Job``), and a media job is billed once, the first time it is seen completed. Every
 non-admin request first passes the gate in ``faults`` (latency, rate limit, auth, faults).
+
+Batch mode: an image or video submit whose body has ``"batch": true`` is the provider's batch
+API: the job renders ``BATCH_SLOWDOWN`` (3x) slower and is billed at ``BATCH_PRICE`` (half) of the
+model's catalog price. The stats say so: ``batch_jobs``, ``billed_batch_usd`` (part of
+``billed_media_usd``), and ``GET /_sim/tasks/{id}`` shows ``"batch": true``. ``"batch"`` other than
+true or false is a 400.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ from genline.provider.simulator.media import (
 )
 
 _FILE = re.compile(r"(\d+)\.(png|mp4)")
+BATCH_SLOWDOWN = 3.0  # a batch job takes this many times the usual render time
+BATCH_PRICE = Decimal("0.5")  # and costs this part of the catalog price
 _MODERATION_WORD = "forbidden-content"
 
 
@@ -88,6 +97,7 @@ class SimState:
         self._unsettled: set[str] = set()
         self._serial = 0
         self.videos_made = 0  # counts video jobs for SimConfig.poisoned_link_every
+        self.batch_tasks: set[str] = set()  # jobs submitted in batch mode
         self.script.clear()
         self.window.clear()
         self.rng.seed(self.config.seed)
@@ -149,6 +159,10 @@ class SimState:
             "billed_media_usd": round(float(media), 6),
             "billed_chat_usd": round(float(self.billed_chat), 6),
             "billed_by_task": {k: round(float(v), 6) for k, v in self.billed_by_task.items()},
+            "batch_jobs": len(self.batch_tasks),
+            "billed_batch_usd": round(
+                float(sum((v for k, v in self.billed_by_task.items() if k in self.batch_tasks), Decimal(0))), 6
+            ),
             "requests_by_status": {str(k): v for k, v in sorted(self.requests_by_status.items())},
         }
 
@@ -287,7 +301,7 @@ async def submit(request: web.Request) -> web.Response:
     kind = request.match_info["kind"][:-1]  # images -> image
     state, body = _state(request), await _json(request)
     key = request.headers.get(IDEMPOTENCY_HEADER) or None
-    job = _job_for_key(state, kind, _media_request(state, body, kind), key)
+    job = _job_for_key(state, kind, _media_request(state, body, kind), key, batch=_batch_mode(body))
     config = state.config
     shape = config.submit_shape if config.submit_shape != "by_model" else ("list" if kind == "image" else "object")
     if shape == "list":
@@ -305,7 +319,15 @@ async def submit(request: web.Request) -> web.Response:
     return web.json_response({"code": 200, "data": data})
 
 
-def _job_for_key(state: SimState, kind: str, checked: MediaRequest, key: str | None) -> Job:
+def _batch_mode(body: dict[str, Any]) -> bool:
+    """A submit's ``batch`` flag: the provider's batch mode (slower, cheaper)."""
+    batch = body.get("batch", False)
+    if not isinstance(batch, bool):
+        raise SimError(400, "'batch' must be true or false.", param="batch")
+    return batch
+
+
+def _job_for_key(state: SimState, kind: str, checked: MediaRequest, key: str | None, *, batch: bool = False) -> Job:
     """The job a submit with idempotency key ``key`` gets: the one that key made before (when the
     provider honours keys), or a new one. Counted either way."""
     known = state.task_by_key.get(key) if key and state.config.honour_idempotency else None
@@ -313,6 +335,10 @@ def _job_for_key(state: SimState, kind: str, checked: MediaRequest, key: str | N
     state.count_submit(key, created=job is None)
     if job is None:
         job = _new_job(state, kind, *checked, key)
+        if batch:  # the batch API: slower, at the batch price
+            job.duration_s *= BATCH_SLOWDOWN
+            job.cost_usd *= BATCH_PRICE
+            state.batch_tasks.add(job.id)
     return job
 
 
@@ -334,6 +360,7 @@ def _new_job(
     else:
         cost = Decimal(str(entry.get("per_second_usd", 0))) * Decimal(str(params["duration"]))
     url_shape = config.url_shape if config.url_shape != "by_model" else ("list" if kind == "image" else "string")
+    duration, jitter = _render_time(config, rng, kind, model)
     job = Job(
         id=state.new_task_id(),
         kind=kind,
@@ -342,7 +369,8 @@ def _new_job(
         params=params,
         seeds=[media_seed(kind, model, prompt, params, i) for i in range(items)],
         created=state.clock(),
-        duration_s=config.image_seconds if kind == "image" else config.video_seconds,
+        duration_s=duration,
+        estimate_factor=1 / jitter,
         outcome=outcome,
         stall_s=config.stall_seconds,
         url_ttl_s=config.short_url_ttl_s if short < config.short_url_ttl_rate else config.url_ttl_s,
@@ -360,6 +388,19 @@ def _new_job(
     if key:
         state.task_by_key[key] = job.id
     return job
+
+
+def _render_time(config: SimConfig, rng: random.Random, kind: str, model: str) -> tuple[float, float]:
+    """A new job's render time and its jitter (render time ÷ the provider's estimate); see
+    ``SimConfig.render_seconds``. Draws nothing when every factor is 1, so seeded runs stay as
+    they were."""
+    nominal = config.render_seconds.get(model, config.image_seconds if kind == "image" else config.video_seconds)
+    spread, jitter = config.render_spread_low, config.render_jitter_low
+    if config.render_spread_low != config.render_spread_high:
+        spread = rng.uniform(config.render_spread_low, config.render_spread_high)
+    if config.render_jitter_low != config.render_jitter_high:
+        jitter = rng.uniform(config.render_jitter_low, config.render_jitter_high)
+    return nominal * spread * jitter, jitter
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -487,6 +528,7 @@ async def sim_task(request: web.Request) -> web.Response:
             "polls": job.polls,
             "cost_usd": float(job.cost_usd),
             "billed_usd": float(state.billed_by_task.get(job.id, 0)),
+            "batch": job.id in state.batch_tasks,
             "items": items,
         }
     )
@@ -527,9 +569,17 @@ async def sim_jobs(request: web.Request) -> web.Response:
         raise SimError(400, "'count' must be a whole number from 1 to 1000000.", param="count")
     if prefix is not None and not isinstance(prefix, str):
         raise SimError(400, "'key_prefix' must be a string.", param="key_prefix")
-    checked = _media_request(state, body, kind)
+    checked, batch = _media_request(state, body, kind), _batch_mode(body)
     keys = (None if prefix is None else f"{prefix}{i}" for i in range(count))
-    return web.json_response({"task_ids": [_job_for_key(state, kind, checked, key).id for key in keys]})
+    jobs = [_job_for_key(state, kind, checked, key, batch=batch) for key in keys]
+    # with each job's estimate (what its submit would have said) and when it will be done
+    return web.json_response(
+        {
+            "task_ids": [job.id for job in jobs],
+            "estimated_times": [job.estimated_time for job in jobs],
+            "done_at": [job.done_at for job in jobs],
+        }
+    )
 
 
 async def sim_reset(request: web.Request) -> web.Response:

@@ -31,7 +31,15 @@ SLACK_S = 0.05  # rounding between our clock, PostgreSQL's timestamps and float 
 @pytest.fixture
 def pg_rt(pg_url: str, sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> Iterator[Runtime]:
     upgrade(pg_url)
-    settings = make_settings(sim.base_url, GENLINE_DATABASE_URL=pg_url, GENLINE_POLL_INTERVAL_S=str(INTERVAL_S))
+    # The rounds' mechanics at a plain cadence, with a request budget that covers every poll due
+    # (tests/test_poll_timing.py and tests/test_request_budget.py test those).
+    settings = make_settings(
+        sim.base_url,
+        GENLINE_DATABASE_URL=pg_url,
+        GENLINE_POLL_INTERVAL_S=str(INTERVAL_S),
+        GENLINE_POLL_SCHEDULE="fixed",
+        GENLINE_PROVIDER_RATE_PER_S="1000000",
+    )
     rt = Runtime.from_settings(settings)  # the in-memory dispatcher: nudges are kept in order
     yield rt
     rt.close()
