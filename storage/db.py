@@ -15,27 +15,97 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from genline.config.errors import ConfigError
+
+# The stable codes of a database genline cannot use (README, "When something is wrong").
+DATABASE_UNREACHABLE = "database_unreachable"
+DATABASE_MISSING = "database_missing"
+DATABASE_LOGIN_FAILED = "database_login_failed"
+DATABASE_URL_INVALID = "database_url_invalid"
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError("GENLINE_DATABASE_URL is not a database URL.") from None
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        _tune_sqlite(engine)
-        return engine
-    # No pre-ping: it costs a round trip per transaction (docs/PERFORMANCE.md). A connection the
-    # server dropped fails its next use with OperationalError, which steps retry and the poller's
-    # round survives; connections are also recycled every five minutes.
-    return create_engine(url, pool_recycle=300, pool_size=pool_size, max_overflow=pool_size)
+        raise ConfigError("GENLINE_DATABASE_URL is not a database URL.", code=DATABASE_URL_INVALID) from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            _tune_sqlite(engine)
+            return engine
+        # No pre-ping: it costs a round trip per transaction (docs/PERFORMANCE.md). A connection the
+        # server dropped fails its next use with OperationalError, which steps retry and the poller's
+        # round survives; connections are also recycled every five minutes.
+        return create_engine(url, pool_recycle=300, pool_size=pool_size, max_overflow=pool_size)
+    except (ArgumentError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
+        raise ConfigError(
+            f"GENLINE_DATABASE_URL names a driver genline cannot load ({parsed.drivername}): use "
+            "sqlite:///path/genline.db or postgresql+psycopg://user@host:5432/name.",
+            code=DATABASE_URL_INVALID,
+        ) from exc
+    except OSError as exc:  # the SQLite file's folder cannot be created
+        raise ConfigError(
+            f"The folder of the SQLite database {parsed.database} (GENLINE_DATABASE_URL) cannot be "
+            f"created: {exc.strerror}.",
+            code=DATABASE_UNREACHABLE,
+        ) from exc
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit for a message: its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a database URL)"
+
+
+def database_error(exc: BaseException, url: str | None = None) -> ConfigError | None:
+    """The plain error for a database genline cannot use (``exc``, from any query or connect), or
+    None when ``exc`` is not that (a query's own error, a lock: the caller's to handle).
+
+    The driver's first line says which: no server answering, no such database, a login refused.
+    ``url`` (GENLINE_DATABASE_URL) is named with its password hidden."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return None
+    text = str(exc.orig if exc.orig is not None else exc).strip()
+    reason = (text.splitlines()[0] if text else type(exc).__name__).removeprefix("connection failed: ").strip()
+    at = f" at {shown_url(url)}" if url else ""
+    if 'database "' in reason and "does not exist" in reason:
+        name = reason.split('database "', 1)[1].split('"', 1)[0]
+        return ConfigError(
+            f"The database server{at} has no database named {name!r} (GENLINE_DATABASE_URL): create it "
+            "and run `genline db upgrade`, or fix the URL.",
+            code=DATABASE_MISSING,
+        )
+    if "password authentication failed" in reason or ('role "' in reason and "does not exist" in reason):
+        return ConfigError(
+            f"The database server{at} refused the login (GENLINE_DATABASE_URL): "
+            f"{reason.split('FATAL:', 1)[-1].strip()}; fix the user or password in the URL.",
+            code=DATABASE_LOGIN_FAILED,
+        )
+    if "unable to open database file" in reason:  # SQLite: a folder it may not write, a bad path
+        return ConfigError(
+            f"The SQLite database{at} (GENLINE_DATABASE_URL) cannot be opened: check the path and that "
+            "this user may write its folder.",
+            code=DATABASE_UNREACHABLE,
+        )
+    # Only a connection that could not be made: one the server dropped (a restart, an idle
+    # timeout) is the caller's to retry, as from any other statement, not a wrong setting.
+    if text.startswith("connection failed") or any(
+        sign in reason for sign in ("resolve host", "Connection refused", "could not connect", "timeout expired")
+    ):
+        return ConfigError(
+            f"The database{at} (GENLINE_DATABASE_URL) cannot be reached: {reason.rstrip('.')}. Check the "
+            "URL and that the server is running.",
+            code=DATABASE_UNREACHABLE,
+        )
+    return None
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -103,11 +173,12 @@ class Database:
         try:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
-        except OperationalError as exc:
-            raise ConfigError(
-                f"The database at {make_url(self.url).render_as_string(hide_password=True)} "
-                f"cannot be reached: {str(exc.orig).splitlines()[0] if exc.orig else exc}"
-            ) from None
+        except (OperationalError, InterfaceError) as exc:
+            err = database_error(exc, self.url) or ConfigError(
+                f"The database at {shown_url(self.url)} cannot be used: {type(exc.orig or exc).__name__}.",
+                code=DATABASE_UNREACHABLE,
+            )
+            raise err from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from genline.config.errors import ConfigError
+from genline.config.errors import ConfigError, StorageError
 from genline.storage.local import LocalObjectStore
 from genline.storage.objects import ObjectStore, key_problem
 
@@ -49,3 +49,82 @@ def _open_s3(netloc: str, path: str, query: str, fragment: str, endpoint_url: st
         raise ConfigError(f"GENLINE_STORAGE_URL has an invalid key prefix {prefix!r}.")
     client = make_s3_client(endpoint_url=endpoint_url or None, region=region)
     return S3ObjectStore(netloc, prefix, client)
+
+
+# The stable codes of a store genline cannot use (README, "When something is wrong").
+BUCKET_MISSING = "bucket_missing"
+STORAGE_CREDENTIALS_INVALID = "storage_credentials_invalid"
+STORAGE_UNREACHABLE = "storage_unreachable"
+# What a StorageError met at run time means for the operator's settings (``storage_config_error``).
+_SETTINGS_CODES = {
+    "bucket_not_found": BUCKET_MISSING,
+    "storage_credentials_rejected": STORAGE_CREDENTIALS_INVALID,
+    "storage_no_credentials": STORAGE_CREDENTIALS_INVALID,
+}
+
+
+def check_store(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1") -> None:
+    """Start-up check of the store ``url`` names: for S3, one HEAD of the bucket says whether it
+    exists, the endpoint answers and the credentials work; a local folder needs no check (it is
+    created on the first write). Raises ``ConfigError`` (``bucket_missing``,
+    ``storage_credentials_invalid``, ``storage_unreachable``) naming GENLINE_STORAGE_URL."""
+    open_store(url, endpoint_url=endpoint_url, region=region)  # a bad URL is refused the same way
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "s3":
+        return
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        CredentialRetrievalError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    from genline.storage.s3 import make_s3_client
+
+    bucket = parts.netloc
+    client = make_s3_client(endpoint_url=endpoint_url or None, region=region, max_attempts=2)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = str(exc.response.get("Error", {}).get("Code") or status)
+        if status == 404 or code in ("NoSuchBucket", "NotFound", "404"):
+            raise ConfigError(
+                f"The bucket {bucket!r} (GENLINE_STORAGE_URL) does not exist at "
+                f"{endpoint_url or 'AWS S3'}: create it, or fix GENLINE_STORAGE_URL or GENLINE_S3_ENDPOINT_URL.",
+                code=BUCKET_MISSING,
+            ) from exc
+        if status in (401, 403):
+            raise ConfigError(
+                f"The object store refused genline's AWS credentials for the bucket {bucket!r} "
+                f"(GENLINE_STORAGE_URL): HTTP {status} {code}; check the credentials and the bucket's policy.",
+                code=STORAGE_CREDENTIALS_INVALID,
+            ) from exc
+        raise ConfigError(
+            f"The object store could not look up the bucket {bucket!r} (GENLINE_STORAGE_URL): {code}.",
+            code=STORAGE_UNREACHABLE,
+        ) from exc
+    except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError) as exc:
+        raise ConfigError(
+            f"No usable AWS credentials for the bucket {bucket!r} (GENLINE_STORAGE_URL); set them in "
+            "boto3's usual places (environment, ~/.aws, an instance role).",
+            code=STORAGE_CREDENTIALS_INVALID,
+        ) from exc
+    except BotoCoreError as exc:
+        raise ConfigError(
+            f"The object store at {endpoint_url or 'AWS S3'} cannot be reached to look up the bucket "
+            f"{bucket!r} (GENLINE_STORAGE_URL, GENLINE_S3_ENDPOINT_URL): {type(exc).__name__}.",
+            code=STORAGE_UNREACHABLE,
+        ) from exc
+    finally:
+        client.close()
+
+
+def storage_config_error(err: StorageError) -> ConfigError | None:
+    """The settings' error behind a StorageError met at run time (a bucket that does not exist,
+    credentials the store refuses), or None when it is not the settings' fault."""
+    code = _SETTINGS_CODES.get(err.code)
+    if code is None:
+        return None
+    return ConfigError(f"{err.message.rstrip('.')} (GENLINE_STORAGE_URL).", code=code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -20,7 +22,25 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    with _database_errors(url):
+        command.upgrade(alembic_config(url), revision)
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
+    """A database that cannot be reached (or does not exist, or refuses the login) is a plain
+    ``ConfigError`` naming GENLINE_DATABASE_URL (storage/db.py ``database_error``)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from genline.storage.db import database_error
+
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        err = database_error(exc, url)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -49,7 +69,7 @@ def current(url: str) -> str | None:
         return None  # nothing there: connecting would create the file (or write to an empty one)
     engine = make_engine(url)
     try:
-        with engine.connect() as conn:
+        with _database_errors(url), engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()

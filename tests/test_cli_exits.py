@@ -154,11 +154,6 @@ def test_a_store_that_refuses_the_upload_exits_3_with_one_error_line_and_creates
     assert json.loads(as_json.stdout)["error"]["code"] == "storage_rejected"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README: exit 3 for anything else; cli/main.py lets a non-genline exception (here the "
-    "database driver's OperationalError) escape as a traceback with exit 1, the code of a failed pipeline",
-)
 def test_an_unreachable_database_is_one_error_line_not_a_traceback_with_exit_1(
     sim: SimulatorHandle, tmp_path: Path
 ) -> None:
@@ -167,8 +162,28 @@ def test_an_unreachable_database_is_one_error_line_not_a_traceback_with_exit_1(
         user_env(sim, var, GENLINE_DATABASE_URL="postgresql+psycopg://genline@127.0.0.1:9/genline"), var, TEST_KEY
     )
     result = g("status", "pl_0123")
-    assert result.exit_code in (2, 3), result.output
-    one_error_line(result)
+    assert result.exit_code == 2, result.output  # the operator's setting: exit 2 (tests/test_half_truths.py)
+    assert one_error_line(result)["code"] == "database_unreachable"
+
+
+def test_an_unexpected_exception_is_its_traceback_then_one_error_line_with_exit_3(
+    genline: GenlineCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not exit 1 (a waited-for pipeline failed) for a bug: exit 3, the last line says what happened."""
+    from genline.pipelines import api
+
+    def broken(self: object, pipeline_id: str) -> dict[str, Any]:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(api.Genline, "status", broken)
+    result = genline("status", "pl_0123")
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Traceback") and "ZeroDivisionError" in result.stderr
+    assert lines[-1].startswith("error [unexpected_error]: genline stopped on an unexpected ZeroDivisionError")
+    as_json = genline("status", "pl_0123", "--json")
+    assert as_json.exit_code == 3
+    assert json.loads(as_json.stdout)["error"]["code"] == "unexpected_error"
 
 
 # --- exit 2: a schema newer than the code ----------------------------------------------------------
@@ -283,19 +298,16 @@ def test_provider_status_shows_a_pause_after_a_401_and_resume_lifts_it(
 
         shown = genline("provider", "status", env=env)
         assert shown.exit_code == 0, shown.output
-        assert shown.stdout.splitlines() == [
-            "paid work: paused (provider_auth_failed)",
-            "alerts provider_paused: 1",
-            "alerts copy_at_risk: 0",
-        ]
-        as_json = genline("provider", "status", "--json", env=env)
-        assert json.loads(as_json.stdout) == {
-            "paused": "provider_auth_failed",
-            "alerts": {"provider_paused": 1, "copy_at_risk": 0},
-        }
+        lines = shown.stdout.splitlines()
+        assert lines[0].startswith("paid work: paused (provider_auth_failed) until ")  # its end: test_half_truths
+        assert lines[1:] == ["alerts provider_paused: 1", "alerts copy_at_risk: 0"]
+        as_json = json.loads(genline("provider", "status", "--json", env=env).stdout)
+        assert as_json.pop("paused_until")
+        assert as_json == {"paused": "provider_auth_failed", "alerts": {"provider_paused": 1, "copy_at_risk": 0}}
 
         resumed = genline("provider", "resume", env=env)
-        assert resumed.exit_code == 0 and resumed.stdout.strip() == "paid work resumed"
+        assert resumed.exit_code == 0
+        assert resumed.stdout.strip() == "paid work resumed (it was paused: provider_auth_failed)"
 
         after = genline("provider", "status", env=env)
         assert after.stdout.splitlines()[0] == "paid work: running"
