@@ -9,15 +9,25 @@ dead worker.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_shutdown
 from kombu.entity import Queue as KombuQueue
 
-from genline.config.constants import ALL_QUEUES, RUN_STEP_TASK, Queue
+from genline.config.constants import ALL_QUEUES, Queue
 from genline.config.settings import Settings
-from genline.tasks.messages import direct_redis
+from genline.tasks.messages import direct_redis, task_kwargs, task_name
 from genline.workers.broker import broker_transport, broker_url
+
+
+@worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]  # Celery ships no types
+def _child_exited(pid: int | None = None, **_: object) -> None:
+    """A prefork child is about to exit: its live gauges leave the exporter's sum (counters stay)."""
+    from genline.provider.metrics import process_exited
+
+    process_exited(pid or os.getpid())
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -64,21 +74,24 @@ def flower_celery(settings: Settings) -> Celery:
 
 
 class CeleryDispatcher:
-    """Sends a step's id, and nothing else, to the queue for its kind of work: straight onto the
-    queue's Redis list on a ``redis://`` broker (``tasks/messages.py``), through Celery otherwise."""
+    """Sends a step's id, with its pipeline's id and nothing else, to the queue for its kind of work
+    under the task named for that kind (``genline.copy``...): straight onto the queue's Redis list
+    on a ``redis://`` broker (``tasks/messages.py``), through Celery otherwise."""
 
     def __init__(self, app: Celery) -> None:
         self.app = app
         self.direct = direct_redis(app)
 
-    def send(self, step_id: str, queue: str) -> None:
+    def send(self, step_id: str, queue: str, *, kind: str | None = None, pipeline_id: str | None = None) -> None:
         if self.direct is not None:
-            self.direct.send(step_id, queue)
+            self.direct.send(step_id, queue, kind=kind, pipeline_id=pipeline_id)
             return
         # Declaring the queue with the message (cached per connection by kombu) means a nudge sent
         # before any worker has started, or after Redis lost its bindings, is kept, not dropped.
         declared = self.app.amqp.queues[queue]
-        self.app.send_task(RUN_STEP_TASK, args=[step_id], queue=declared, declare=[declared])
+        self.app.send_task(
+            task_name(kind), args=[step_id], kwargs=task_kwargs(pipeline_id), queue=declared, declare=[declared]
+        )
 
     def close(self) -> None:
         if self.direct is not None:

@@ -7,10 +7,10 @@ path on a ``redis://`` broker: a submit's first step, each step's next one, the 
 sweeper's. A nudge is an id on a list, so nothing here decides anything: the database does.
 
 The message is Celery's task protocol 2 in kombu's Redis envelope, field for field as
-``send_task`` writes it for ``genline.run_step``; ``tests/integration/test_broker.py`` compares
-the two, so a Celery or kombu upgrade that changes either fails there, and a real worker runs
-whole pipelines from these messages (``test_production_footprint.py``). What Celery's path does
-and this one does not, and why nothing is lost:
+``send_task`` writes it for a step's task (``task_name``: ``genline.copy``... by kind);
+``tests/integration/test_broker.py`` and ``test_flower.py`` compare the two, so a Celery or
+kombu upgrade that changes either fails there, and a real worker runs whole pipelines from these
+messages (``test_production_footprint.py``). What Celery's path does and this one does not, and why nothing is lost:
 - Routing: kombu's Redis transport sends a message for the default exchange (``""``, which is what
   ``send_task`` uses for genline's queues) to the list named by its routing key, as here; a
   message restored after a lost worker goes back to the same list either way.
@@ -39,10 +39,25 @@ from celery.utils.nodenames import anon_nodename
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from genline.config.constants import RUN_STEP_TASK
+from genline.config.constants import RUN_STEP_TASK, StepKind
 
+# A step's task is named for what it does, so Flower's task list reads as the pipeline's steps; every
+# name runs the same body (tasks/task.py). ``genline.run_step`` stays: messages already queued by an
+# older release, and nudges that do not say the step's kind, still run.
+TASK_BY_KIND = {kind.value: f"genline.{kind.value}" for kind in StepKind}
+STEP_TASKS = (*TASK_BY_KIND.values(), RUN_STEP_TASK)
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}  # no workflow: ids only
 _dumps = json.JSONEncoder().encode  # kombu's json serializer writes the same for these values
+
+
+def task_name(kind: str | None) -> str:
+    """The task a step of ``kind`` is sent to: ``genline.copy``, ``.image``, ``.video``, ``.store``."""
+    return RUN_STEP_TASK if kind is None else TASK_BY_KIND[StepKind(kind).value]
+
+
+def task_kwargs(pipeline_id: str | None) -> dict[str, str]:
+    """The step's pipeline id, an id and nothing else, for Flower to show and search."""
+    return {} if pipeline_id is None else {"pipeline_id": pipeline_id}
 
 
 def direct_redis(app: Celery) -> RedisNudges | None:
@@ -57,7 +72,8 @@ def direct_redis(app: Celery) -> RedisNudges | None:
 
 
 class RedisNudges:
-    """Builds ``run_step(step_id)`` messages and pushes them onto a queue's Redis list."""
+    """Builds a step's messages (``genline.<kind>(step_id, pipeline_id=...)``) and pushes them onto
+    a queue's Redis list."""
 
     def __init__(self, app: Celery, url: str) -> None:
         self._app = app
@@ -77,21 +93,21 @@ class RedisNudges:
             self._origin = (pid, anon_nodename())
         return self._origin[1]
 
-    def message(self, step_id: str, queue: str) -> str:
+    def message(self, step_id: str, queue: str, *, kind: str | None = None, pipeline_id: str | None = None) -> str:
         task_id = str(uuid.uuid4())
-        args = [step_id]
+        args, kwargs = [step_id], task_kwargs(pipeline_id)
         root_id, parent_id = task_id, None
         parent = self._app.current_worker_task  # sent from a running step: linked to it, as Celery links them
         if parent is not None:
             root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
-        body = base64.b64encode(_dumps([args, {}, _EMBED]).encode()).decode("ascii")
+        body = base64.b64encode(_dumps([args, kwargs, _EMBED]).encode()).decode("ascii")
         envelope: dict[str, Any] = {
             "body": body,
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {
                 "lang": "py",
-                "task": RUN_STEP_TASK,
+                "task": task_name(kind),
                 "id": task_id,
                 "shadow": None,
                 "eta": None,
@@ -103,7 +119,7 @@ class RedisNudges:
                 "root_id": root_id,
                 "parent_id": parent_id,
                 "argsrepr": repr(args),
-                "kwargsrepr": "{}",
+                "kwargsrepr": repr(kwargs),
                 "origin": self._origin_name(),
                 "ignore_result": None,
                 "replaced_task_nesting": 0,
@@ -122,8 +138,9 @@ class RedisNudges:
         }
         return _dumps(envelope)
 
-    def send(self, step_id: str, queue: str) -> None:
-        self.client.lpush(queue, self.message(step_id, queue))  # priority 0: the list is the queue's name
+    def send(self, step_id: str, queue: str, *, kind: str | None = None, pipeline_id: str | None = None) -> None:
+        message = self.message(step_id, queue, kind=kind, pipeline_id=pipeline_id)
+        self.client.lpush(queue, message)  # priority 0: the list is the queue's name
 
     def close(self) -> None:
         self.client.close()

@@ -13,7 +13,8 @@ from genline.cli.main import cli
 from genline.config.settings import KNOWN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-THIRD_PARTY_IMAGES = {"redis", "postgres", "minio"}  # their env vars are their images' own settings
+# their env vars are their images' own settings
+THIRD_PARTY_IMAGES = {"redis", "postgres", "minio", "prometheus", "grafana"}
 
 
 def compose() -> dict[str, Any]:
