@@ -19,6 +19,7 @@ import json
 import mimetypes
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -168,6 +169,21 @@ class LocalObjectStore:
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         """A ``file://`` URI; local files have no expiry, so ``expires_s`` is ignored."""
         return self._path(validate_key(key)).absolute().as_uri()
+
+    def abort_stale_uploads(self, older_than_s: float, *, dry_run: bool = False) -> int:
+        """Remove the hidden temporary files (``.<name>.*.tmp``) of writes a killed process left,
+        untouched for more than ``older_than_s`` seconds; returns how many (``dry_run``: would)."""
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.root.rglob(".*.tmp"):
+            with suppress(FileNotFoundError):
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    if not dry_run:
+                        path.unlink()
+                    removed += 1
+        return removed
 
     # --- helpers -------------------------------------------------------------------------------
     def _path(self, key: str) -> Path:

@@ -86,6 +86,12 @@ class ObjectStore(Protocol):
         """A URL that reads the object without credentials (``file://`` for local storage)."""
         ...
 
+    def abort_stale_uploads(self, older_than_s: float, *, dry_run: bool = False) -> int:
+        """Clear writes left unfinished for more than ``older_than_s`` seconds (S3: multipart
+        uploads under the store's prefix, aborted; local: hidden temporary files of a killed
+        process, removed); returns how many. ``dry_run``: only count them."""
+        ...
+
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe, portable object key; else raise ``StorageError(invalid_key)``.

@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -274,6 +275,38 @@ class S3ObjectStore:
                 "get_object", Params={"Bucket": self.bucket, "Key": self._name(key)}, ExpiresIn=expires_s
             )
         return url
+
+    def abort_stale_uploads(self, older_than_s: float, *, dry_run: bool = False) -> int:
+        """Abort the multipart uploads under this store's prefix started more than ``older_than_s``
+        seconds ago; returns how many (``dry_run``: how many would be). A copy that failed in a
+        way its own abort could not clean up (the process killed, the abort refused) leaves its
+        parts stored, and billed, until then; servers without lifecycle rules keep them forever."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        stale: list[tuple[str, str]] = []
+        with self._boundary("list the unfinished uploads of"):
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            ):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < cutoff:
+                        stale.append((upload["Key"], upload["UploadId"]))
+        if dry_run:
+            return len(stale)
+        aborted = 0
+        for name, upload_id in stale:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+            except ClientError as exc:
+                if _error_code(exc) != "NoSuchUpload":  # finished or aborted meanwhile: nothing to do
+                    raise self._translate(exc, "abort an unfinished upload in") from exc
+                continue
+            except BotoCoreError as exc:
+                raise self._translate(exc, "abort an unfinished upload in") from exc
+            aborted += 1
+        if aborted:
+            log.info("multipart_uploads_aborted", bucket=self.bucket, count=aborted)
+        return aborted
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (demo and tests; production buckets are provisioned)."""
