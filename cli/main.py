@@ -17,8 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from genline.cli.boundary import GenlineGroup  # what escapes a subcommand: one error line, exit 2 or 3
-from genline.cli.output import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FAILED, describe_status, emit_json, fail, printable
-from genline.cli.progress import wait_for
+from genline.cli.output import EXIT_BAD_INPUT, EXIT_ERROR, describe_status, emit_json, fail, printable
+from genline.cli.progress import conclude, follow
 from genline.config.errors import GenlineError, ValidationError
 from genline.config.logging import configure_logging
 from genline.config.settings import Settings, load_settings
@@ -182,16 +182,10 @@ def submit(file: Path | None, wait: bool, as_json: bool, **fields: Any) -> None:
                     f"{request['idempotency_key']}.{estimate}"
                 )
             if wait:
-                final = wait_for([accepted.pipeline_id], api.status, show=not as_json)[accepted.pipeline_id]
-                result.update(final)
-                if not as_json:
-                    click.echo(describe_status(final))
+                follow(api, accepted.pipeline_id, result, as_json=as_json)
     except GenlineError as err:
         fail(err, as_json=as_json)
-    if as_json:
-        emit_json(result)
-    if wait and result.get("status") != "succeeded":
-        sys.exit(EXIT_FAILED)
+    conclude(result, wait=wait, as_json=as_json)
 
 
 def _resubmitted(pipeline_id: str, status: str) -> str:

@@ -63,3 +63,25 @@ def wait_for(
             if tick is not None:
                 tick()
             time.sleep(every_s)
+
+
+def follow(api: Any, pipeline_id: str, result: dict[str, Any], *, as_json: bool) -> None:
+    """``--wait``: show progress until the pipeline ends, then put its status into ``result``
+    (and print it, for people)."""
+    from genline.cli.output import describe_status
+
+    final = wait_for([pipeline_id], api.status, show=not as_json)[pipeline_id]
+    result.update(final)
+    if not as_json:
+        click.echo(describe_status(final))
+
+
+def conclude(result: dict[str, Any], *, wait: bool, as_json: bool) -> None:
+    """The end of a command that accepted one pipeline: its JSON document for scripts, and exit 1
+    when it was waited for and did not succeed."""
+    from genline.cli.output import EXIT_FAILED, emit_json
+
+    if as_json:
+        emit_json(result)
+    if wait and result.get("status") != "succeeded":
+        sys.exit(EXIT_FAILED)

@@ -7,13 +7,12 @@ nothing was created); 3 any other error.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
-from genline.cli.output import EXIT_FAILED, describe_status, emit_json, fail, printable
-from genline.cli.progress import wait_for
+from genline.cli.output import fail, printable
+from genline.cli.progress import conclude, follow
 from genline.config.errors import GenlineError
 
 
@@ -90,13 +89,7 @@ def promote(pipeline_id: str, profile: str, idempotency_key: str | None, wait: b
             if not as_json:
                 click.echo(describe_promotion(result))
             if wait:
-                final = wait_for([accepted.pipeline_id], api.status, show=not as_json)[accepted.pipeline_id]
-                result.update(final)
-                if not as_json:
-                    click.echo(describe_status(final))
+                follow(api, accepted.pipeline_id, result, as_json=as_json)
     except GenlineError as err:
         fail(err, as_json=as_json)
-    if as_json:
-        emit_json(result)
-    if wait and result.get("status") != "succeeded":
-        sys.exit(EXIT_FAILED)
+    conclude(result, wait=wait, as_json=as_json)
