@@ -266,12 +266,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GENLINE_POLL_SCHEDULE",
         "poll_schedule",
-        "expected",
-        "expected: a job's first poll comes near its expected finish (the provider's estimate, else "
-        "the model's recent median render time, else GENLINE_POLL_INTERVAL_S), the job's progress "
-        "refines it, then every GENLINE_POLL_INTERVAL_S; fixed: every GENLINE_POLL_INTERVAL_S from "
-        "the submit on (less often only early in a render far longer than that, or long past its "
-        "estimate).",
+        "fixed",
+        "fixed: every GENLINE_POLL_INTERVAL_S from the submit on (less often only early in a render "
+        "far longer than that, or long past its estimate); expected (opt-in, not yet the default: it "
+        "detects a job that finishes well before the provider's estimate late): a job's first poll "
+        "comes near its expected finish (the provider's estimate, else the model's recent median "
+        "render time), its progress refines it, then every GENLINE_POLL_INTERVAL_S.",
         _poll_schedule,
     ),
     Setting(

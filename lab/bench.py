@@ -30,7 +30,8 @@ Sections (each writes its keys; a section that fails is reported under ``errors`
 
 Every section tells genline its simulator's request limit (``GENLINE_PROVIDER_RATE_PER_S``: the
 provider's limit is the account's to set); the poller section polls at the fixed cadence
-(``GENLINE_POLL_SCHEDULE=fixed``), as its capacity target is defined. Otherwise shipped defaults.
+(``GENLINE_POLL_SCHEDULE=fixed``, as shipped), as its capacity target is defined; the limited
+section measures the opt-in ``expected`` schedule. Otherwise shipped defaults.
 ``pipeline_vs_no_celery_floor`` = ``pipeline_vs_bare_chain`` ÷ its no-Celery ceiling estimate.
 - copy (``copy_rss_mib_per_gib``, ``copy_vs_raw_boto3``): see ``lab/bench_copy.py``.
 

@@ -23,7 +23,7 @@ and held in the shared state under ``STRETCH_KEY`` for ``genline`` status reader
 ``x-ratelimit-remaining`` among a round's answers tightens the budget for every process.
 
 When a job is read is planned by ``plan_delay`` and ``first_poll_at`` (``GENLINE_POLL_SCHEDULE``):
-with ``expected`` (the default) a job's first read comes near its expected finish (the provider's
+with ``expected`` (opt-in; ``fixed`` ships) a job's first read comes near its expected finish (the provider's
 estimate, else the model's recent median render time from our own rows, else the cadence), its
 progress then tells when it will finish, and past that it is read every
 ``GENLINE_POLL_INTERVAL_S``; with ``fixed``, every ``GENLINE_POLL_INTERVAL_S`` from the submit on.
