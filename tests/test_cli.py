@@ -17,7 +17,7 @@ import os
 import re
 import sqlite3
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from genline.cli.main import cli
 from genline.config.settings import SETTINGS
 from genline.provider.simulator import SimulatorHandle
 from tests.conftest import TEST_KEY
+from tests.support.cli import no_stray_settings, restore_logging  # noqa: F401  # autouse fixtures
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -45,22 +46,6 @@ BATCH_ERROR_LINE = re.compile(
 
 
 # --- the user's world: a clean environment, a var folder, the simulator ---------------------------
-@pytest.fixture(autouse=True)
-def no_stray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The settings loader refuses unknown GENLINE_*/APIMART_* variables: start from none."""
-    for name in list(os.environ):
-        if name.startswith(("GENLINE_", "APIMART_")):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Whatever logging a CLI run configured is undone when the test ends."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-
-
 def user_env(sim: SimulatorHandle, var: Path) -> dict[str, str]:
     """A user's settings: the simulator on loopback, which genline may reach only when allowed."""
     return {

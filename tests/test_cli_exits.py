@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import structlog
 from sqlalchemy import select
 
 from genline.config.errors import AuthenticationFailed
@@ -31,7 +29,7 @@ from genline.provider.simulator import SimulatorHandle
 from genline.storage.models import ProviderJob, Step
 from genline.workers.processes import ProcessGroup
 from tests.conftest import TEST_KEY
-from tests.support.cli import GenlineCli, count_rows, one_error_line
+from tests.support.cli import GenlineCli, count_rows, no_stray_settings, one_error_line, restore_logging  # noqa: F401  # autouse fixtures
 from tests.support.drive import faults
 
 RequestFn = Callable[..., dict[str, Any]]
@@ -43,21 +41,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"),
 ]
 NEWER_REVISION = "f0e1d2c3b4a5"  # a revision a newer genline's migration made; this code has none such
-
-
-@pytest.fixture(autouse=True)
-def no_stray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The settings loader refuses unknown GENLINE_*/APIMART_* variables: start from none."""
-    for name in list(os.environ):
-        if name.startswith(("GENLINE_", "APIMART_")):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 def user_env(sim: SimulatorHandle, var: Path, **extra: str) -> dict[str, str]:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from click.testing import Result
 
 from genline.config.errors import ConfigError
@@ -41,7 +40,7 @@ from genline.provider.stages import PAUSE_KEY, read_pause
 from genline.storage.db import Database
 from genline.workers.sweeper import sweep
 from tests.conftest import TEST_KEY, require_service
-from tests.support.cli import ERROR_LINE, GenlineCli, count_rows, one_error_line
+from tests.support.cli import ERROR_LINE, GenlineCli, count_rows, no_stray_settings, one_error_line, restore_logging  # noqa: F401  # autouse fixtures
 from tests.support.drive import faults, next_nudge, nudges, sim_config, step_row
 from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
 from tests.test_cli_exits import runtime_of, submit_args, user_env
@@ -56,21 +55,6 @@ pytestmark = [
 NOWHERE_PG = "postgresql+psycopg://genline@127.0.0.1:9/genline"  # nothing listens on port 9
 SUBMIT = ["submit", "--user-id", "u", "--feature", "listing-video", "--description", "Mug"]
 SUBMIT += ["--image", "https://x.example/m.png"]
-
-
-@pytest.fixture(autouse=True)
-def no_stray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The settings loader refuses unknown GENLINE_*/APIMART_* variables: start from none."""
-    for name in list(os.environ):
-        if name.startswith(("GENLINE_", "APIMART_")):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.fixture

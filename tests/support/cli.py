@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import structlog
 from click.testing import CliRunner, Result
 
@@ -73,3 +76,20 @@ def one_error_line(result: Result) -> re.Match[str]:
     match = ERROR_LINE.match(lines[0])
     assert match, f"not of the form `error [<code>] (<field>): <sentence>`: {lines[0]!r}"
     return match
+
+
+# --- fixtures every CLI test module uses (imported there; autouse within that module) ---------------
+@pytest.fixture(autouse=True)
+def no_stray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings loader refuses unknown GENLINE_*/APIMART_* variables: start from none."""
+    for name in list(os.environ):
+        if name.startswith(("GENLINE_", "APIMART_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Whatever logging a CLI run configured is undone when the test ends."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
