@@ -31,17 +31,26 @@ def _settings() -> Any:
 
 def _ready(settings: Any) -> None:
     """Start-up checks of a long-running part: the database exists, answers and has genline's
-    schema. A failure is a plain error with its code (exit 2), not a traceback, and a SQLite file
-    that is not there is not created (nor its folder) only to be found empty."""
-    from genline.config.boundary import check_ready
+    schema; the broker, the bucket and the provider key answer (waiting up to
+    GENLINE_STARTUP_WAIT_S for a part that does not answer yet). A failure is a plain error with
+    its code (exit 2), not a traceback, and a SQLite file that is not there is not created (nor its
+    folder) only to be found empty."""
+    from genline.config.boundary import check_ready, wait_until_ready
     from genline.storage.db import Database
     from genline.storage.migrate import require_current, require_database
 
-    try:
+    def check() -> None:
         require_database(settings.database_url, var_dir=settings.var_dir)
-        Database(settings.database_url).check()
+        db = Database(settings.database_url)
+        try:
+            db.check()
+        finally:
+            db.dispose()
         require_current(settings.database_url, var_dir=settings.var_dir)
         check_ready(settings, provider_key=True)  # broker, bucket and key answer (config/boundary.py)
+
+    try:
+        wait_until_ready(check, settings.startup_wait_s)  # a part restarting with us: GENLINE_STARTUP_WAIT_S
     except GenlineError as err:
         fail(err, as_json=False)
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from genline.config.errors import AuthenticationFailed, ConfigError, GenlineError, StorageError
+from genline.config.logging import get_logger
 
 if TYPE_CHECKING:
     from genline.config.settings import Settings
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 BROKER_UNREACHABLE = "broker_unreachable"
 PROVIDER_KEY_INVALID = "provider_key_invalid"
 _BROKER_LIBRARIES = ("redis", "kombu", "amqp")
+
+_log = get_logger("genline.start")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -228,3 +232,30 @@ def check_ready(settings: Settings, *, broker: bool = True, store: bool = True, 
         check_store(settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     if provider_key and settings.provider_api_key is not None:
         check_provider_key(settings)
+
+
+# codes of a part that is there but not answering yet (restarting with us), as against a wrong setting
+NOT_ANSWERING = frozenset({BROKER_UNREACHABLE, "database_unreachable", "storage_unreachable"})
+
+
+def wait_until_ready(check: Callable[[], None], wait_s: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Run ``check`` (a long-running part's start-up checks) until it passes, retrying for up to
+    ``wait_s`` seconds while what fails is a part that does not answer (``NOT_ANSWERING``): a
+    worker started while Redis or PostgreSQL restarts waits for it, as Celery's own consumer does
+    (``broker_connection_retry_on_startup``), instead of exiting. A wrong setting, or a part still
+    silent when the time is up, raises the ``ConfigError`` as before. Tries back off from 0.5 s to 5 s."""
+    deadline = time.monotonic() + wait_s
+    pause = 0.5
+    while True:
+        try:
+            check()
+            return
+        except ConfigError as err:
+            left = deadline - time.monotonic()
+            if err.code not in NOT_ANSWERING or left <= 0:
+                raise
+            _log.warning(
+                "start_waiting_for", code=err.code, retry_in_s=round(min(pause, left), 1), left_s=round(left, 1)
+            )
+            sleep(min(pause, left))
+            pause = min(pause * 2, 5.0)

@@ -441,6 +441,15 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
     ),
     Setting(
+        "GENLINE_STARTUP_WAIT_S",
+        "startup_wait_s",
+        "30",
+        "How long a worker or poller waits at start for a broker, database or object store that does "
+        "not answer yet (one restarting alongside it) before it exits with the error; 0 exits at once. "
+        "A wrong setting (an unknown database, refused credentials, a missing bucket) exits at once.",
+        _non_negative_seconds,
+    ),
+    Setting(
         "GENLINE_VISIBILITY_TIMEOUT_S",
         "visibility_timeout_s",
         "1800",
@@ -588,6 +597,7 @@ class Settings:
     flower_basic_auth: tuple[Secret, ...] = field(default=(), repr=False)
     metrics_dir: str | None = None  # GENLINE_METRICS_DIR; None: <var_dir>/metrics (provider/metrics.py)
     retention_every_s: float = 3600.0  # GENLINE_RETENTION_EVERY_S (pipelines/retention.py)
+    startup_wait_s: float = 30.0  # GENLINE_STARTUP_WAIT_S (config/boundary.py wait_until_ready)
 
     @property
     def embedded_broker(self) -> bool:

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 
+from genline.config.boundary import wait_until_ready
 from genline.config.errors import ConfigError
 from genline.config.settings import load_settings
 from genline.pipelines.api import Genline
@@ -42,6 +44,7 @@ from genline.workers.sweeper import sweep
 from tests.conftest import TEST_KEY, require_service
 from tests.support.cli import ERROR_LINE, GenlineCli, count_rows, no_stray_settings, one_error_line, restore_logging  # noqa: F401  # autouse fixtures
 from tests.support.drive import faults, next_nudge, nudges, sim_config, step_row
+from tests.support.redis_server import OwnRedis
 from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
 from tests.test_cli_exits import runtime_of, submit_args, user_env
 
@@ -103,8 +106,10 @@ def refused_json(result: Result, code: str) -> str:
 
 
 def cli(sim: SimulatorHandle, tmp_path: Path, **env: str) -> GenlineCli:
+    """A user's ``genline``; a worker or poller started by it does not wait for a part that does
+    not answer (GENLINE_STARTUP_WAIT_S=0), as the waiting has tests of its own below."""
     var = tmp_path / "var"
-    return GenlineCli(user_env(sim, var, **env), var, TEST_KEY)
+    return GenlineCli(user_env(sim, var, **{"GENLINE_STARTUP_WAIT_S": "0", **env}), var, TEST_KEY)
 
 
 # --- wrong settings: the database ----------------------------------------------------------------
@@ -177,6 +182,55 @@ def test_an_unreachable_redis_is_one_sentence_and_exit_2_from_every_command(
     if name in JSON_COMMANDS:
         refused_json(genline(*commands(tmp_path)[name], "--json", env=env), "broker_unreachable")
     assert count_rows(genline.db, "pipelines") == 0  # nothing was created
+
+
+def test_a_poller_started_while_its_redis_is_down_waits_for_it_and_then_runs(
+    genline: GenlineCli, tmp_path: Path
+) -> None:
+    """Started as the broker restarts (shipped GENLINE_STARTUP_WAIT_S, 30 s): it waits, then runs."""
+    server = OwnRedis()
+    server.port = free_port()  # nothing listens there yet
+    later = threading.Timer(2.0, server.start)
+    later.start()
+    try:
+        env = {"GENLINE_BROKER_URL": server.url, "GENLINE_STARTUP_WAIT_S": "30"}
+        result = genline("poller", "--once", env=env)
+        assert result.exit_code == 0, result.output
+        assert "start_waiting_for" in result.output and "broker_unreachable" in result.output
+    finally:
+        later.join()
+        server.close()
+
+
+def test_a_part_still_silent_when_the_wait_ends_exits_2_and_a_wrong_setting_does_not_wait() -> None:
+    tries: list[str] = []
+    slept: list[float] = []
+
+    def silent() -> None:
+        tries.append("broker")
+        raise ConfigError("The broker cannot be reached.", code="broker_unreachable")
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("genline.config.boundary.time.monotonic", lambda: clock[0])
+        with pytest.raises(ConfigError) as caught:
+            wait_until_ready(silent, 10.0, sleep=sleep)
+    assert caught.value.code == "broker_unreachable"
+    assert len(tries) > 3 and sum(slept) == pytest.approx(10.0) and max(slept) <= 5.0  # backs off, within the wait
+
+    def wrong() -> None:
+        tries.append("db")
+        raise ConfigError("No database of that name.", code="database_missing")
+
+    tries.clear()
+    with pytest.raises(ConfigError):
+        wait_until_ready(wrong, 30.0, sleep=sleep)
+    assert tries == ["db"]  # a wrong setting is not waited on
 
 
 def test_the_python_api_raises_config_error_for_an_unreachable_redis(genline: GenlineCli) -> None:
