@@ -5,6 +5,11 @@ Every figure comes from genline's own rows (``storage/models.py``), bounded by t
 - the audit log (``provider_calls``, ``ts`` in the period): requests by operation, latency
   percentiles by operation, errors by class (the error code), cache hits (chat calls answered from
   the copy cache), rate-limit hits (HTTP 429 or ``provider_rate_limited``) and spend;
+- the daily totals retention leaves of the audit rows it deletes (``audit_daily_totals``), added to
+  the same figures. A rolled-up call counts as made at the start (00:00 UTC) of its day: a day
+  counts when its start lies in the period (``rolled_up_days``). Sums cannot give percentiles, so
+  latency percentiles cover the stored audit rows only (``from_daily_totals`` says how many calls
+  they leave out); the mean latency covers both;
 - pipelines created in the period, by status;
 - steps that finished in the period: how long each kind took, started to finished, and how many failed;
 - image renders (``provider_jobs`` of kind image completed in the period): submitted to completed
@@ -26,7 +31,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
@@ -37,9 +42,10 @@ from genline.config.constants import JobStatus, StepKind, StepStatus
 from genline.config.errors import ValidationError
 from genline.config.settings import Settings
 from genline.storage.db import Database
-from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.storage.models import AuditDailyTotal, Pipeline, ProviderCall, ProviderJob, Step
 
 CALLS = cast(Table, ProviderCall.__table__)
+TOTALS = cast(Table, AuditDailyTotal.__table__)
 PIPELINES = cast(Table, Pipeline.__table__)
 STEPS = cast(Table, Step.__table__)
 JOBS = cast(Table, ProviderJob.__table__)
@@ -138,6 +144,10 @@ def usd(value: Any) -> Decimal:
     return Decimal(str(value or 0)).quantize(_MICRO)
 
 
+def usd_of_micros(micros: Any) -> Decimal:
+    return (Decimal(int(micros or 0)) * _MICRO).quantize(_MICRO)
+
+
 # --- the rows ----------------------------------------------------------------------------------
 _is_error = case((CALLS.c.error_code.is_not(None), 1), else_=0)
 _is_limited = case(
@@ -159,22 +169,66 @@ class Tally:
     cache_hits: int = 0
     spend: Decimal = Decimal(0)
     spend_estimated: Decimal = Decimal(0)
+    rolled_up: int = 0  # of ``requests``, those counted from audit_daily_totals
 
     def __post_init__(self) -> None:
         self.by_operation: dict[str, int] = defaultdict(int)
         self.error_classes: dict[str, int] = defaultdict(int)
-        self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.latencies: dict[str, list[float]] = defaultdict(list)  # stored audit rows only
+        self.rolled_up_by_operation: dict[str, int] = defaultdict(int)
+        self.rolled_up_latency_ms: dict[str, float] = defaultdict(float)  # a sum: no percentiles
+
+    def add_rolled_up(self, row: Any) -> None:
+        """One ``audit_daily_totals`` row: a day's calls of one feature, model, operation and error."""
+        n, op = int(row.requests or 0), row.operation
+        self.requests += n
+        self.by_operation[op] += n
+        self.rolled_up += n
+        self.rolled_up_by_operation[op] += n
+        self.rolled_up_latency_ms[op] += float(row.latency_ms_sum or 0.0)
+        if row.error_code:
+            self.errors += n
+            self.error_classes[row.error_code] += n
+        self.rate_limited += int(row.rate_limited or 0)
+        if op == "chat":
+            self.chat_calls += n
+            self.cache_hits += int(row.cache_hits or 0)
+        self.spend += usd_of_micros(row.cost_micros)
+        self.spend_estimated += usd_of_micros(row.estimated_cost_micros)
 
 
 def _in_period(column: Any, start: datetime, end: datetime) -> Any:
     return and_(column >= start, column < end)
 
 
+def _midnight_at_or_after(when: datetime) -> date:
+    when = when.astimezone(UTC)
+    day = when.date()
+    return day if when == datetime.combine(day, time(), UTC) else day + timedelta(days=1)
+
+
+def rolled_up_days(start: datetime, end: datetime) -> tuple[str, str]:
+    """The UTC days whose daily totals ``[start, end)`` counts, as ISO dates ``[first, stop)``: the
+    days that begin (00:00 UTC) inside the period. A period starting mid-day leaves that day's
+    totals out; one ending mid-day takes that day's totals whole."""
+    return _midnight_at_or_after(start).isoformat(), _midnight_at_or_after(end).isoformat()
+
+
+def _rolled_up(conn: Any, start: datetime, end: datetime, feature: str | None) -> list[Any]:
+    """The ``audit_daily_totals`` rows of the days the period counts (``""`` where a call had no
+    feature, model or error code)."""
+    first, stop = rolled_up_days(start, end)
+    query = select(TOTALS).where(TOTALS.c.day >= first, TOTALS.c.day < stop)
+    if feature is not None:
+        query = query.where(TOTALS.c.feature == feature)
+    return list(conn.execute(query))
+
+
 def _tallies(
-    conn: Any, start: datetime, end: datetime, feature: str | None, model: str | None
+    conn: Any, start: datetime, end: datetime, feature: str | None, model: str | None, rolled: Iterable[Any]
 ) -> tuple[dict[str, Tally], dict[str, Tally]]:
     """The audit log's figures per feature and per model, from GROUP BY statements, and the
-    latencies (one column) for the percentiles."""
+    latencies (one column) for the percentiles; plus the daily totals of rolled-up days."""
     where = [_in_period(CALLS.c.ts, start, end)]
     if feature is not None:
         where.append(CALLS.c.feature == feature)
@@ -227,6 +281,9 @@ def _tallies(
     for row in latencies:
         for t in slices(row.feature, row.model):
             t.latencies[row.operation].append(float(row.latency_ms or 0.0))
+    for row in rolled:
+        for t in slices(row.feature or None, row.model or None):
+            t.add_rolled_up(row)
     return by_feature, by_model
 
 
@@ -350,13 +407,27 @@ def _check(name: str, value: float | None) -> dict[str, Any]:
     }
 
 
+def _latency(t: Tally, op: str) -> dict[str, Any]:
+    """Percentiles of the stored rows (``count``); the mean also over the calls of rolled-up days
+    (``from_daily_totals``), from their latency sum."""
+    stored = t.latencies.get(op, [])
+    rolled = t.rolled_up_by_operation.get(op, 0)
+    n = len(stored) + rolled
+    mean = None if n == 0 else round((sum(stored) + t.rolled_up_latency_ms.get(op, 0.0)) / n, 1)
+    return {**spread(stored), "from_daily_totals": rolled, "mean": mean}
+
+
 def _call_figures(t: Tally, renders: Sequence[float]) -> dict[str, Any]:
-    """What the audit log (and the image renders) say about one feature or model."""
+    """What the audit log, its daily totals and the image renders say about one feature or model."""
     chat_p95 = percentile(t.latencies.get("chat", []), 95)
     render_p95 = percentile(renders, 95)
     return {
-        "requests": {"total": t.requests, "by_operation": dict(sorted(t.by_operation.items()))},
-        "latency_ms": {op: spread(values) for op, values in sorted(t.latencies.items())},
+        "requests": {
+            "total": t.requests,
+            "by_operation": dict(sorted(t.by_operation.items())),
+            "from_daily_totals": t.rolled_up,
+        },
+        "latency_ms": {op: _latency(t, op) for op in sorted(set(t.latencies) | set(t.rolled_up_by_operation))},
         "errors": {
             "total": t.errors,
             "rate": ratio(t.errors, t.requests),
@@ -385,9 +456,12 @@ def bucket_width(span_s: float) -> int:
     return 30 * 86400
 
 
-def _series(conn: Any, start: datetime, end: datetime, feature: str | None, features: Iterable[str]) -> dict[str, Any]:
+def _series(
+    conn: Any, start: datetime, end: datetime, feature: str | None, features: Iterable[str], rolled: Iterable[Any]
+) -> dict[str, Any]:
     """Per feature, per bucket of the period: requests, errors, rate-limit hits, spend and the p95
-    latency of text calls (what the HTML report draws)."""
+    latency of text calls (what the HTML report draws). A rolled-up day's totals go in the bucket of
+    its start (00:00 UTC); its latencies are in no p95."""
     width = bucket_width((end - start).total_seconds())
     count = max(1, math.ceil((end - start).total_seconds() / width))
     wanted = set(features)
@@ -432,6 +506,17 @@ def _series(conn: Any, start: datetime, end: datetime, feature: str | None, feat
         slot["spend_usd"] += usd(row.cost_usd)
         if row.operation == "chat":
             slot["chat_ms"].append(float(row.latency_ms or 0.0))
+    for row in rolled:
+        name = row.feature or "(none)"
+        if name not in found:
+            continue
+        day_start = datetime.combine(date.fromisoformat(row.day), time(), UTC)
+        slot = found[name][min(count - 1, int((day_start - start).total_seconds() // width))]
+        slot["requests"] += int(row.requests or 0)
+        slot["errors"] += int(row.requests or 0) if row.error_code else 0
+        slot["rate_limited"] += int(row.rate_limited or 0)
+        slot["cache_hits"] += int(row.cache_hits or 0)
+        slot["spend_usd"] += usd_of_micros(row.cost_micros)
     created = select(PIPELINES.c.feature, PIPELINES.c.created_at).where(_in_period(PIPELINES.c.created_at, start, end))
     if feature is not None:
         created = created.where(PIPELINES.c.feature == feature)
@@ -474,7 +559,8 @@ def build_report(
     keeps one model in the per-model part."""
     now = now or utcnow()
     with db.engine.connect() as conn:
-        by_feature, by_model = _tallies(conn, since, until, feature, model)
+        rolled = _rolled_up(conn, since, until, feature)
+        by_feature, by_model = _tallies(conn, since, until, feature, model, rolled)
         steps = _steps(conn, since, until, feature)
         renders_by_feature, renders_by_model = _renders(conn, since, until, feature)
         pipelines = _pipelines(conn, since, until, feature)
@@ -499,7 +585,8 @@ def build_report(
             {"model": name, **_call_figures(by_model.get(name, Tally()), renders_by_model.get(name, []))}
             for name in model_names
         ]
-        over_time = _series(conn, since, until, feature, names) if series else None
+        over_time = _series(conn, since, until, feature, names, rolled) if series else None
+    first_day, stop_day = rolled_up_days(since, until)
     report: dict[str, Any] = {
         "period": {"since": since.isoformat(), "until": until.isoformat()},
         "as_of": now.isoformat(),
@@ -507,6 +594,16 @@ def build_report(
         "targets": [
             {"figure": t.name, "target": f"{t.op} {t.limit:g}", "unit": t.unit, "describe": t.describe} for t in TARGETS
         ],
+        "daily_totals": {
+            "days_from": first_day,
+            "days_before": stop_day,
+            "requests": sum(t.rolled_up for t in by_feature.values()),
+            "note": (
+                "Audit rows removed by retention count from their daily totals (audit_daily_totals) when "
+                "their UTC day starts inside the period. Latency percentiles and the text p95 check cover "
+                "only the audit rows still stored; the mean latency covers both."
+            ),
+        },
         "features": features,
         "models": models,
     }
