@@ -52,7 +52,11 @@ does not resolve from here is accepted: the provider fetches a user's image, not
 name genline cannot resolve cannot lead genline anywhere (a callback to it is checked again, and
 pinned, when genline POSTs). Resolution at submit waits at most ``SUBMIT_RESOLVE_TIMEOUT_S`` and a
 name still unresolved then is treated alike. Literal private addresses in any spelling, local
-names, and names that resolve to a refused range are refused.
+names, and names that resolve to a refused range are refused. What a name resolved to at submit
+is remembered for a minute (a failure for 15 s: ``ResolveCache``), since producers send the same
+few CDN hosts again and again; the checks themselves still run on every call. Only ``check_url``
+uses that memory: ``SafeTransport`` resolves at every connect, because the address it checks
+must be the address it connects to.
 
 httpx-secure (reviewed for this) checks the connected address, but for httpx's async clients only;
 genline's downloads use a sync ``httpx.Client``, so this module does the same for it, on httpcore's
@@ -68,7 +72,8 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
@@ -362,15 +367,99 @@ def _same_host(hostname: str, parsed: httpx.URL) -> bool:
         return False
 
 
-def check_url(url: str, policy: AddressPolicy, *, resolve_timeout_s: float = SUBMIT_RESOLVE_TIMEOUT_S) -> None:
+class ResolveCache:
+    """What names resolved to at submit, for a short while: ``check_url``'s memory, and only its.
+
+    A submit resolves its image URL's host; producers send the same few CDN hosts over and over,
+    and each resolution costs a round trip to the resolver (offline, a name that does not resolve
+    took ~50 ms of a 59 ms submit: docs/PERFORMANCE.md). An entry, keyed on (host lowercased, port),
+    holds the addresses, or None for a name that did not resolve or timed out; the policy checks
+    are not cached, they run on every call with the remembered addresses (the policy may differ
+    from one call to the next). The trailing dot is kept in the key: ``cdn.example`` may go
+    through the search domains where ``cdn.example.`` does not, so they are different questions.
+
+    - **Answers live 60 s.** getaddrinfo gives no TTL; 60 s is at or below what CDNs usually set
+      on their records, so an answer is seldom held longer than a resolver would hold it, and a
+      record that changes is judged by its old answer for a minute at most.
+    - **Failures (no such name, resolver error, timeout) live 15 s.** They are more often passing
+      (a resolver that hiccupped, a name just created), and what the name resolves to once it
+      does is the more useful thing to judge; 15 s still spares a stream of submits from waiting
+      up to ``SUBMIT_RESOLVE_TIMEOUT_S`` each while a resolver is down.
+    - **At most 1,024 entries**; when full, expired entries go first, then the oldest.
+    - **Thread-safe**: one lock around the dict; resolving happens outside it (two threads
+      missing at once both resolve, and the later answer is kept).
+
+    Staleness is safe here because it cannot reach genline's own connections: ``SafeTransport``
+    (``_PinnedBackend.connect_tcp``) never reads this cache and resolves at every connect, so the
+    address it checks is the address it connects to (DNS rebinding gets no window); a name handed
+    to the provider is the provider's to resolve.
+
+    Hand-written rather than ``cachetools.TTLCache``: cachetools is not a dependency (nor
+    installed), and two TTLs, a bound and a lock come to ~20 lines, not worth a new dependency.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = 60.0,
+        failure_ttl_s: float = 15.0,
+        max_entries: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.failure_ttl_s = failure_ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, int], tuple[float, tuple[IPAddress, ...] | None]] = OrderedDict()
+
+    def resolve(self, host: str, port: int, timeout: float | None) -> tuple[IPAddress, ...] | None:
+        """``host``'s addresses (from memory if fresh, else from ``resolve``), or None if it does
+        not resolve or took longer than ``timeout``."""
+        key = (host.strip().lower(), port)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > self._clock():
+                return entry[1]
+        try:
+            found: tuple[IPAddress, ...] | None = tuple(resolve(host, port, timeout))
+        except (OSError, TimeoutError, UnicodeError):
+            found = None
+        with self._lock:
+            now = self._clock()
+            if key not in self._entries and len(self._entries) >= self.max_entries:
+                for stale in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+                    del self._entries[stale]
+                while len(self._entries) >= self.max_entries:
+                    self._entries.popitem(last=False)
+            self._entries[key] = (now + (self.ttl_s if found is not None else self.failure_ttl_s), found)
+            self._entries.move_to_end(key)
+        return found
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+#: The process's memory of submit-time resolutions (``check_url``'s default; nothing else reads it).
+SUBMIT_RESOLUTIONS = ResolveCache()
+
+
+def check_url(
+    url: str,
+    policy: AddressPolicy,
+    *,
+    resolve_timeout_s: float = SUBMIT_RESOLVE_TIMEOUT_S,
+    resolutions: ResolveCache = SUBMIT_RESOLUTIONS,
+) -> None:
     """Check a URL a user gave (at submit): raises UnsafeURL. See the module's notes for why a
-    name that does not resolve from here is accepted."""
+    name that does not resolve from here is accepted. The name's resolution may come from
+    ``resolutions`` (``ResolveCache``); the checks of it run on every call."""
     host, port, literal = check_url_form(url, policy)
     if literal is not None:
         return
-    try:
-        addresses = resolve(host, port, resolve_timeout_s)
-    except (OSError, TimeoutError, UnicodeError):
+    addresses = resolutions.resolve(host, port, resolve_timeout_s)
+    if addresses is None:
         check_local_name(host, None, policy)
         return  # cannot be resolved from genline: cannot lead genline anywhere
     check_local_name(host, addresses, policy)
@@ -433,7 +522,9 @@ class _DeadlineStream(httpcore.NetworkStream):
 
 class _PinnedBackend(httpcore.NetworkBackend):
     """Resolves a name once, refuses it unless all its addresses are allowed, and connects to
-    those very addresses (as IP literals: the socket resolves nothing again)."""
+    those very addresses (as IP literals: the socket resolves nothing again). It resolves at
+    every connect and never reads ``SUBMIT_RESOLUTIONS``: a remembered answer could be an
+    address other than the one it connects to (DNS rebinding)."""
 
     def __init__(self, policy: AddressPolicy) -> None:
         self._policy = policy

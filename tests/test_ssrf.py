@@ -30,7 +30,15 @@ from genline.pipelines.api import Genline
 from genline.pipelines.engine import notify_callback, run_step
 from genline.pipelines.runtime import Runtime
 from genline.provider import safe_http
-from genline.provider.safe_http import STRICT, AddressPolicy, DownloadLimit, SafeClient, UnsafeURL, check_url
+from genline.provider.safe_http import (
+    STRICT,
+    AddressPolicy,
+    DownloadLimit,
+    ResolveCache,
+    SafeClient,
+    UnsafeURL,
+    check_url,
+)
 from genline.provider.simulator import SimulatorHandle
 from genline.provider.simulator.media import png_bytes
 from genline.storage.local import LocalObjectStore
@@ -129,6 +137,15 @@ def strict_rt(sim: SimulatorHandle, make_settings: Callable[..., Settings]) -> I
 @pytest.fixture
 def store(tmp_path: Path) -> LocalObjectStore:
     return LocalObjectStore(tmp_path / "objects")
+
+
+@pytest.fixture(autouse=True)
+def _forget_submit_resolutions() -> Iterator[None]:
+    """Each test controls its own DNS (``_resolve_as``): none sees what an earlier one's submits
+    remembered in the process-wide ``SUBMIT_RESOLUTIONS``."""
+    safe_http.SUBMIT_RESOLUTIONS.clear()
+    yield
+    safe_http.SUBMIT_RESOLUTIONS.clear()
 
 
 # --- (c) a user's URLs, at submit -------------------------------------------------------------------
@@ -248,7 +265,9 @@ def test_an_address_on_the_allow_list_is_accepted(rt: Runtime, public: Server, r
 
 def _resolve_as(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[list[str]]]) -> list[str]:
     """DNS the test controls: ``socket.getaddrinfo`` answers a name of ``table`` with its answers in
-    turn (the last one from then on). Every name asked is recorded, in order."""
+    turn (the last one from then on; an empty answer is "no such name"). Every name asked is
+    recorded, in order. A fake is the right tool here: this machine's DNS cannot be made to answer
+    a chosen name, and whether the resolver was asked at all is the thing some tests check."""
     asked: list[str] = []
     real = socket.getaddrinfo
 
@@ -259,6 +278,8 @@ def _resolve_as(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[list[str]
         asked.append(name)
         answers = table[name]
         addresses = answers.pop(0) if len(answers) > 1 else answers[0]
+        if not addresses:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [
             (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port or 0))
             for a in addresses
@@ -577,3 +598,101 @@ def test_localhost_is_reached_only_where_its_addresses_are_allowed(public: Serve
     check_url("http://localhost:8750/x", LOOPBACK_ONLY)
     with pytest.raises(UnsafeURL):
         check_url("http://localhost.:8750/x", LOOPBACK_ONLY)  # does not resolve here: a local name all the same
+
+
+# --- submit-time resolutions are remembered; connects resolve every time ------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_second_submit_of_the_same_host_does_not_ask_the_resolver_again(
+    strict_rt: Runtime, request_fields: RequestFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = _resolve_as(monkeypatch, {"cdn.shop.example": [["93.184.216.34"]], "img.gone.example": [[]]})
+    genline = Genline(runtime=strict_rt)
+    for url in ["https://cdn.shop.example/a.png", "https://CDN.Shop.example/b.png", "https://img.gone.example/c.png"]:
+        assert genline.submit(request_fields(image=url)).created
+        assert genline.submit(request_fields(image=url)).created
+    assert asked == ["cdn.shop.example", "img.gone.example"]  # an answer and a "no such name", once each
+
+
+def test_a_remembered_private_answer_is_still_refused_and_the_policy_applies_per_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked = _resolve_as(monkeypatch, {"cdn.attacker.example": [["93.184.216.34", "10.1.2.3"]]})
+    url = "https://cdn.attacker.example/mug.png"
+    for _ in range(2):
+        with pytest.raises(UnsafeURL) as caught:
+            check_url(url, STRICT)
+        assert caught.value.reason == "not_public" and "private" in caught.value.message
+    check_url(url, AddressPolicy.from_entries([ip_network("10.0.0.0/8")]))  # another policy, same answer
+    with pytest.raises(UnsafeURL):
+        check_url(url, STRICT)
+    assert asked == ["cdn.attacker.example"]
+
+
+def test_a_remembered_unresolvable_local_name_is_still_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _resolve_as(monkeypatch, {"printer.local": [[]]})
+    for _ in range(2):
+        with pytest.raises(UnsafeURL):
+            check_url("http://printer.local/x.png", STRICT)
+    assert asked == ["printer.local"]
+
+
+def test_remembered_answers_and_failures_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    memory = ResolveCache(ttl_s=60.0, failure_ttl_s=15.0, clock=clock)
+    asked = _resolve_as(monkeypatch, {"cdn.shop.example": [["93.184.216.34"]], "img.gone.example": [[]]})
+
+    def check(host: str) -> None:
+        check_url(f"https://{host}/a.png", STRICT, resolutions=memory)
+
+    check("cdn.shop.example")
+    check("img.gone.example")
+    clock.now += 14.0
+    check("cdn.shop.example")
+    check("img.gone.example")
+    assert asked == ["cdn.shop.example", "img.gone.example"]
+    clock.now += 2.0  # 16 s: the failure is forgotten, the answer is not
+    check("cdn.shop.example")
+    check("img.gone.example")
+    assert asked == ["cdn.shop.example", "img.gone.example", "img.gone.example"]
+    clock.now += 45.0  # 61 s: the answer is forgotten too
+    check("cdn.shop.example")
+    assert asked[-1] == "cdn.shop.example" and len(asked) == 4
+
+
+def test_the_memory_is_bounded_and_keeps_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = ResolveCache(max_entries=2, clock=FakeClock())
+    asked = _resolve_as(monkeypatch, {f"h{i}.example": [["93.184.216.34"]] for i in range(3)})
+    for i in range(3):
+        check_url(f"https://h{i}.example/a.png", STRICT, resolutions=memory)
+    check_url("https://h2.example/a.png", STRICT, resolutions=memory)
+    check_url("https://h0.example/a.png", STRICT, resolutions=memory)  # the oldest, dropped for h2
+    assert asked == ["h0.example", "h1.example", "h2.example", "h0.example"]
+
+
+def test_the_transport_resolves_at_every_connect_whatever_the_submit_remembered(
+    store: LocalObjectStore, public: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding against the memory: at submit the name is the allowed 127.0.0.1 (remembered);
+    by the time genline connects it answers 127.0.0.2. The transport asks again and refuses."""
+    port = public.base_url.rsplit(":", 1)[1]
+    name = "cdn.flip.example"
+    asked = _resolve_as(monkeypatch, {name: [["127.0.0.1"], ["127.0.0.1"], ["127.0.0.2"]]})
+    link = f"http://{name}:{port}/a.png"
+    check_url(link, LOOPBACK_ONLY)
+    check_url(link, LOOPBACK_ONLY)
+    assert asked == [name]  # the submits: one resolution, remembered
+    with SafeClient(LOOPBACK_ONLY) as http:  # a connect: resolved again (second answer, allowed)
+        info = copy_url_to_store(http, store, link, "k/a.png", expires_at=None, expect_type="image")
+    assert info.size == len(PNG) and asked == [name, name]
+    with SafeClient(LOOPBACK_ONLY) as http, pytest.raises(StorageError) as caught:  # a new connect: asked again
+        copy_url_to_store(http, store, link, "k/b.png", expires_at=None, expect_type="image")
+    assert caught.value.code == "result_link_blocked" and "loopback" in caught.value.message
+    assert asked == [name, name, name]
+    assert len(public.hits) == 1  # the refused connect reached nothing
