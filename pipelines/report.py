@@ -5,11 +5,11 @@ Every figure comes from genline's own rows (``storage/models.py``), bounded by t
 - the audit log (``provider_calls``, ``ts`` in the period): requests by operation, latency
   percentiles by operation, errors by class (the error code), cache hits (chat calls answered from
   the copy cache), rate-limit hits (HTTP 429 or ``provider_rate_limited``) and spend;
-- the daily totals retention leaves of the audit rows it deletes (``audit_daily_totals``), added to
-  the same figures. A rolled-up call counts as made at the start (00:00 UTC) of its day: a day
-  counts when its start lies in the period (``rolled_up_days``). Sums cannot give percentiles, so
-  latency percentiles cover the stored audit rows only (``from_daily_totals`` says how many calls
-  they leave out); the mean latency covers both;
+- the daily totals retention leaves of the audit rows it deletes (``audit_daily_totals``, read by
+  ``report_totals.py``), added to the same figures. A rolled-up call counts as made at the start
+  (00:00 UTC) of its day: a day counts when its start lies in the period (``rolled_up_days``).
+  Sums cannot give percentiles, so latency percentiles cover the stored audit rows only
+  (``from_daily_totals`` says how many calls they leave out); the mean latency covers both;
 - pipelines created in the period, by status;
 - steps that finished in the period: how long each kind took, started to finished, and how many failed;
 - image renders (``provider_jobs`` of kind image completed in the period): submitted to completed
@@ -41,11 +41,11 @@ from genline.config.clock import utcnow
 from genline.config.constants import JobStatus, StepKind, StepStatus
 from genline.config.errors import ValidationError
 from genline.config.settings import Settings
+from genline.pipelines import report_totals
 from genline.storage.db import Database
-from genline.storage.models import AuditDailyTotal, Pipeline, ProviderCall, ProviderJob, Step
+from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
 
 CALLS = cast(Table, ProviderCall.__table__)
-TOTALS = cast(Table, AuditDailyTotal.__table__)
 PIPELINES = cast(Table, Pipeline.__table__)
 STEPS = cast(Table, Step.__table__)
 JOBS = cast(Table, ProviderJob.__table__)
@@ -199,29 +199,6 @@ class Tally:
 
 def _in_period(column: Any, start: datetime, end: datetime) -> Any:
     return and_(column >= start, column < end)
-
-
-def _midnight_at_or_after(when: datetime) -> date:
-    when = when.astimezone(UTC)
-    day = when.date()
-    return day if when == datetime.combine(day, time(), UTC) else day + timedelta(days=1)
-
-
-def rolled_up_days(start: datetime, end: datetime) -> tuple[str, str]:
-    """The UTC days whose daily totals ``[start, end)`` counts, as ISO dates ``[first, stop)``: the
-    days that begin (00:00 UTC) inside the period. A period starting mid-day leaves that day's
-    totals out; one ending mid-day takes that day's totals whole."""
-    return _midnight_at_or_after(start).isoformat(), _midnight_at_or_after(end).isoformat()
-
-
-def _rolled_up(conn: Any, start: datetime, end: datetime, feature: str | None) -> list[Any]:
-    """The ``audit_daily_totals`` rows of the days the period counts (``""`` where a call had no
-    feature, model or error code)."""
-    first, stop = rolled_up_days(start, end)
-    query = select(TOTALS).where(TOTALS.c.day >= first, TOTALS.c.day < stop)
-    if feature is not None:
-        query = query.where(TOTALS.c.feature == feature)
-    return list(conn.execute(query))
 
 
 def _tallies(
@@ -559,7 +536,7 @@ def build_report(
     keeps one model in the per-model part."""
     now = now or utcnow()
     with db.engine.connect() as conn:
-        rolled = _rolled_up(conn, since, until, feature)
+        rolled = report_totals.daily_totals(conn, since, until, feature)
         by_feature, by_model = _tallies(conn, since, until, feature, model, rolled)
         steps = _steps(conn, since, until, feature)
         renders_by_feature, renders_by_model = _renders(conn, since, until, feature)
@@ -586,7 +563,6 @@ def build_report(
             for name in model_names
         ]
         over_time = _series(conn, since, until, feature, names, rolled) if series else None
-    first_day, stop_day = rolled_up_days(since, until)
     report: dict[str, Any] = {
         "period": {"since": since.isoformat(), "until": until.isoformat()},
         "as_of": now.isoformat(),
@@ -594,16 +570,7 @@ def build_report(
         "targets": [
             {"figure": t.name, "target": f"{t.op} {t.limit:g}", "unit": t.unit, "describe": t.describe} for t in TARGETS
         ],
-        "daily_totals": {
-            "days_from": first_day,
-            "days_before": stop_day,
-            "requests": sum(t.rolled_up for t in by_feature.values()),
-            "note": (
-                "Audit rows removed by retention count from their daily totals (audit_daily_totals) when "
-                "their UTC day starts inside the period. Latency percentiles and the text p95 check cover "
-                "only the audit rows still stored; the mean latency covers both."
-            ),
-        },
+        "daily_totals": report_totals.section(since, until, sum(t.rolled_up for t in by_feature.values())),
         "features": features,
         "models": models,
     }

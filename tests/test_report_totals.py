@@ -22,7 +22,8 @@ from sqlalchemy import func, select, text, update
 
 from genline.config.catalog import parse_features
 from genline.config.clock import utcnow
-from genline.pipelines.report import build_report, rolled_up_days
+from genline.pipelines.report import build_report
+from genline.pipelines.report_totals import rolled_up_days
 from genline.pipelines.retention import run_retention
 from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimulatorHandle

@@ -29,12 +29,12 @@ from genline.config.settings import Settings, load_settings
 from genline.pipelines.api import Genline
 from genline.pipelines.engine import notify_callback, run_step
 from genline.pipelines.runtime import Runtime
-from genline.provider import safe_http
+from genline.provider import name_resolution, safe_http
+from genline.provider.name_resolution import ResolveCache
 from genline.provider.safe_http import (
     STRICT,
     AddressPolicy,
     DownloadLimit,
-    ResolveCache,
     SafeClient,
     UnsafeURL,
     check_url,
@@ -143,9 +143,9 @@ def store(tmp_path: Path) -> LocalObjectStore:
 def _forget_submit_resolutions() -> Iterator[None]:
     """Each test controls its own DNS (``_resolve_as``): none sees what an earlier one's submits
     remembered in the process-wide ``SUBMIT_RESOLUTIONS``."""
-    safe_http.SUBMIT_RESOLUTIONS.clear()
+    name_resolution.SUBMIT_RESOLUTIONS.clear()
     yield
-    safe_http.SUBMIT_RESOLUTIONS.clear()
+    name_resolution.SUBMIT_RESOLUTIONS.clear()
 
 
 # --- (c) a user's URLs, at submit -------------------------------------------------------------------
