@@ -119,6 +119,8 @@ def demo(count: int, workers: int, video_seconds: float, timeout_s: float, as_js
         click.echo(f"error [demo_process_died]: {err}", err=True)
         sys.exit(3)
     finally:
+        # A worker's warm shutdown takes a few seconds (workers/processes.py says where they go).
+        say(f"stopping the worker{'s' if workers > 1 else ''}, the poller and the simulator…")
         group.stop()
         sim.stop()
         rt.close()
