@@ -266,12 +266,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "GENLINE_POLL_SCHEDULE",
         "poll_schedule",
-        "fixed",
-        "fixed: every GENLINE_POLL_INTERVAL_S from the submit on (less often only early in a render "
-        "far longer than that, or long past its estimate); expected (opt-in, not yet the default: it "
-        "detects a job that finishes well before the provider's estimate late): a job's first poll "
-        "comes near its expected finish (the provider's estimate, else the model's recent median "
-        "render time), its progress refines it, then every GENLINE_POLL_INTERVAL_S.",
+        "expected",
+        "expected: a job's first poll comes near its expected finish (the provider's estimate, else "
+        "the model's recent median render time), its progress then says when it finishes, and past "
+        "that it is polled every GENLINE_POLL_INTERVAL_S; fixed: every GENLINE_POLL_INTERVAL_S from the "
+        "submit on (less often only early in a render far longer than that, or long past its estimate).",
         _poll_schedule,
     ),
     Setting(

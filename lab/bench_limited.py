@@ -4,8 +4,9 @@ Set-up, all on loopback: the simulator in its own process allowing 100 requests 
 (429 with ``Retry-After`` beyond it) and rendering with model-dependent, jittered times (video
 renders of 30-120 s: a nominal 60 s, a spread the provider's estimate knows of, 0.55-1.75x, and a
 jitter it does not, 0.9-1.15x); Redis as the broker and shared state, a PostgreSQL database of its
-own, a genline worker (2 processes) and a poller process, all on the shipped defaults except
-``GENLINE_PROVIDER_RATE_PER_S=100``: the provider's limit is the account's, so it must be told.
+own, docker-compose.yml's workers (one per queue: copy, media, store; 2 processes each) and a
+poller process, all on the shipped defaults except ``GENLINE_PROVIDER_RATE_PER_S=100``: the
+provider's limit is the account's, so it must be told.
 
 1. Baseline: new pipelines at 5/s for a while with no other jobs in flight; submit → first step
    (the copy, a chat call) done, p95.
@@ -101,12 +102,40 @@ def _first_step_p95(rt: Any, pattern: str, wait_s: float) -> tuple[float, int]:
     return quantile(lat, 0.95), len(rows)
 
 
+def _first_step_parts(rt: Any, pattern: str) -> dict[str, float]:
+    """Where the first step's time went, p95 each: queued (accepted → a worker began it), the
+    chat call itself (its audit row's latency), and the rest (claim, completion, the budget's wait)."""
+    from lab.bench_poller import quantile
+
+    with rt.db.transaction() as s:
+        rows = s.execute(
+            text(
+                "SELECT p.created_at, st.started_at, st.finished_at, "
+                "(SELECT max(c.latency_ms) FROM provider_calls c WHERE c.step_id = st.id AND c.operation = 'chat') "
+                "FROM pipelines p JOIN steps st ON st.pipeline_id = p.id AND st.position = 0 "
+                "WHERE p.idempotency_key LIKE :pattern AND st.finished_at IS NOT NULL"
+            ),
+            {"pattern": pattern},
+        ).all()
+    queued = [(b - a).total_seconds() for a, b, _, _ in rows]
+    chat = [(ms or 0.0) / 1000 for *_, ms in rows]
+    rest = [(c - b).total_seconds() - (ms or 0.0) / 1000 for _, b, c, ms in rows]
+    return {
+        name: quantile(values, 0.95)
+        for name, values in (("queued_p95_s", queued), ("chat_p95_s", chat), ("rest_p95_s", rest))
+    }
+
+
 @contextlib.contextmanager
 def _group(env: dict[str, str], var: Path) -> Iterator[Any]:
+    from genline.config.constants import Queue
     from genline.workers.processes import ProcessGroup
 
     with ProcessGroup(log_dir=var / "logs", env=env) as group:
-        group.start_worker("limited-worker", concurrency=2)
+        # docker-compose.yml's layout: a worker per queue, so a new pipeline's copy step never
+        # waits behind the stored videos of the renders finishing around it (2 processes each here)
+        for queue in (Queue.COPY, Queue.MEDIA, Queue.STORE):
+            group.start_worker(f"limited-{queue.value.rsplit('.', 1)[-1]}", queues=queue.value, concurrency=2)
         group.start_poller("limited-poller")
         yield group
 
@@ -128,15 +157,12 @@ def measure_limited(
     from lab.bench_sim import SimProcess
 
     jobs = 500 if quick else 2000
-    baseline_n = 25 if quick else 50
+    baseline_n = 50 if quick else 150  # a p95 of 50 samples moved between 0.028 and 0.061 s run to run
     load_n = 50 if quick else 300
     key = "bench-" + uuid.uuid4().hex
     with SimProcess(sim_config(quick), api_key=key, log_path=var / "logs" / "limited-simulator.log") as sim:
         env = genline_env(var, db_url, broker, sim.base_url, key)
         env.pop("GENLINE_POLL_INTERVAL_S", None)  # the shipped cadence (2 s)
-        # Polls timed by expected render time are opt-in (the shipped schedule is fixed): this
-        # section measures them, against the fixed cadence's polls per job reported beside.
-        env["GENLINE_POLL_SCHEDULE"] = "expected"
         env["GENLINE_PROVIDER_RATE_PER_S"] = str(LIMIT_PER_S)  # the provider's limit: the account's to tell
         settings = load_settings(env)
         upgrade(db_url)
@@ -169,22 +195,26 @@ def measure_limited(
                 estimated_s=made["estimated_times"],
                 submitted_ago_s=[time.time() - made_at] * jobs,
                 next_poll_at=[now + timedelta(seconds=2.0 * (i + 0.5) / jobs) for i in range(jobs)],
+                image_stored=True,  # as the video step leaves it: the store step copies only the video
             )
             with rt.db.transaction() as s:  # as a submit leaves them: polled, not yet read
                 s.execute(text("UPDATE provider_jobs SET progress = 0 WHERE id LIKE :p"), {"p": f"job_{prefix}%"})
-            before = sim.stats()["requests_by_status"]
+            stats_before = sim.stats()
+            before = stats_before["requests_by_status"]
             log(
                 f"  seeded {jobs} in-flight video jobs (renders {min(made['done_at']) - made_at:.0f}-"
                 f"{max(made['done_at']) - made_at:.0f} s); submitting at {SUBMITS_PER_S:.0f}/s"
             )
             _stream(api, load_n, f"{run}-load", request)
             load_p95, load_count = _first_step_p95(rt, f"{run}-load-%", 60)
+            base_parts, load_parts = _first_step_parts(rt, f"{run}-base-%"), _first_step_parts(rt, f"{run}-load-%")
             group.check()
             last = max(made["done_at"])
             while time.time() < last + 6:
                 time.sleep(1.0)
                 group.check()
-            after = sim.stats()["requests_by_status"]
+            stats_after = sim.stats()
+            after = stats_after["requests_by_status"]
             with rt.db.transaction() as s:
                 rows = s.execute(
                     text(
@@ -194,6 +224,13 @@ def measure_limited(
                     {"ids": video_steps},
                 ).all()
                 stretched = rt.shared.get("polls:stretched")
+                reads = s.execute(
+                    text(
+                        "SELECT step_id, array_agg(extract(epoch FROM ts) ORDER BY ts) FROM provider_calls "
+                        "WHERE step_id = ANY(:ids) AND operation = 'poll' GROUP BY step_id"
+                    ),
+                    {"ids": video_steps},
+                ).all()
     requests = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     total = sum(requests.values())
     refused = requests.get("429", 0)
@@ -213,6 +250,23 @@ def measure_limited(
         lag = finished.replace(tzinfo=UTC).timestamp() - done
         (on_time if render <= estimate else late).append(lag)
     completed = len(polls)
+    # when each seeded job was read, as a share of its estimate (diagnostics: first reads, last reads)
+    step_task = {sid: made["task_ids"][i] for i, sid in enumerate(video_steps)}
+    first_share: list[float] = []
+    last_after_done: list[float] = []
+    samples = []
+    for step_id, times in reads:
+        i = index[step_task[step_id]]
+        if len(samples) < 12:
+            samples.append(
+                {
+                    "estimate_s": made["estimated_times"][i],
+                    "done_s": round(made["done_at"][i] - made_at, 2),
+                    "reads_s": [round(float(t) - made_at, 2) for t in times],
+                }
+            )
+        first_share.append((float(times[0]) - made_at) / made["estimated_times"][i])
+        last_after_done.append(float(times[-1]) - made["done_at"][i])
     return {
         "rate_limit_hit_rate": refused / total if total else math.nan,
         "polls_per_completed_job": sum(polls) / completed if completed else math.nan,
@@ -223,6 +277,8 @@ def measure_limited(
         "submit_p95_under_poll_load_ratio": load_p95 / base_p95 if base_p95 else math.nan,
         "submit_to_first_step_p95_s": load_p95,
         "submit_to_first_step_p95_s_no_load": base_p95,
+        "first_step_parts_no_load": base_parts,
+        "first_step_parts_under_load": load_parts,
         "jobs_in_flight": jobs,
         "jobs_completed": completed,
         "jobs_finished_within_estimate": len(on_time),
@@ -231,6 +287,21 @@ def measure_limited(
         "provider_requests": total,
         "provider_429s": refused,
         "requests_by_status": requests,
+        # what the requests were: status reads (of every job, the stream's too), chats, jobs made
+        "requests_by_route": {
+            k: v - stats_before["requests_by_route"].get(k, 0) for k, v in stats_after["requests_by_route"].items()
+        },
+        "requests_polls": stats_after["polls_total"] - stats_before["polls_total"],
+        "requests_chats": stats_after["chat_calls"] - stats_before["chat_calls"],
+        "jobs_submitted": stats_after["jobs_total"] - stats_before["jobs_total"],
+        "window_s": round(time.time() - made_at, 1),
+        "first_read_at_share_of_estimate_p5_p50_p95": [quantile(first_share, q) for q in (0.05, 0.5, 0.95)]
+        if first_share
+        else None,
+        "read_samples": samples,
+        "last_read_after_done_s_p5_p50_p95": [quantile(last_after_done, q) for q in (0.05, 0.5, 0.95)]
+        if last_after_done
+        else None,
         "provider_limit_per_s": LIMIT_PER_S,
         "cadence_stretched_at_end": stretched,
     }

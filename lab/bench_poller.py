@@ -127,9 +127,16 @@ class Seeder:
         estimated_s: list[int],
         submitted_ago_s: list[float],
         next_poll_at: list[datetime | None],
+        image_stored: bool = False,
     ) -> list[str]:
-        """One pipeline per task id; returns the video steps' ids, in order."""
+        """One pipeline per task id; returns the video steps' ids, in order. ``image_stored``:
+        with the image's ``stored_objects`` row, as the video step leaves it (it copies the image
+        before it submits), so the store step copies only the video."""
+        from genline.storage.models import StoredObject
+
         pipelines_t, steps_t, jobs_t = self.tables
+        stored_t: Table = StoredObject.__table__  # type: ignore[assignment]
+        stored: list[dict[str, Any]] = []
         now = datetime.now(UTC)
         pipelines: list[dict[str, Any]] = []
         steps: list[dict[str, Any]] = []
@@ -189,6 +196,22 @@ class Seeder:
                 )
                 if kind == "video":
                     video_steps.append(sid)
+                    if image_stored:
+                        stored.append(
+                            {
+                                "id": f"obj_{prefix}{i:07d}",
+                                "pipeline_id": pid,
+                                "step_id": sid,
+                                "kind": "image",
+                                "key": f"{pid}/image.png",
+                                "location": f"seeded://{pid}/image.png",
+                                "size": 1,
+                                "sha256": "0" * 64,
+                                "content_type": "image/png",
+                                "source_expires_at": None,
+                                "created_at": now,
+                            }
+                        )
             jobs.append(
                 {
                     "id": f"job_{prefix}{i:07d}",
@@ -210,7 +233,7 @@ class Seeder:
                 }
             )
         with self.rt.db.transaction() as s:
-            for table, rows in ((pipelines_t, pipelines), (steps_t, steps), (jobs_t, jobs)):
+            for table, rows in ((pipelines_t, pipelines), (steps_t, steps), (jobs_t, jobs), (stored_t, stored)):
                 _copy_rows(s, table, rows)
         return video_steps
 

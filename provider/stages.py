@@ -51,6 +51,10 @@ PAID = ("chat", "submit")
 BUDGETED = ("chat", "submit", "cancel", "download")  # one token a call through ``RequestBudget``
 POLL_FLOOR = 0.3  # of the burst: what the poller's reads leave in the bucket for interactive work
 BATCH_FLOOR = 0.6  # of the burst: what batch work leaves (it comes last)
+# Result downloads come after polls: a copy can wait seconds (its link lasts hours), while a poll
+# that waits delays the copy it would start. A download takes a token only above this floor, never
+# on credit (see ``RequestBudget.before``).
+DOWNLOAD_FLOOR = 0.45
 # The bucket runs below the provider's limit: at most burst + rate requests fall in any one second
 # of a fixed window, so rate + burst stays at the limit.
 RATE_SHARE, BURST_SHARE = 0.9, 0.1
@@ -211,6 +215,33 @@ class RequestBudget(_SharedStage):
 
     def floor(self, ctx: CallContext) -> float:
         return BATCH_FLOOR * self.burst if ctx.batch else 0.0
+
+    def before(self, ctx: CallContext, operation: str) -> None:
+        if operation != "download":
+            super().before(ctx, operation)
+            return
+        # Polls draw only what lies above their floor and never on credit; a download taking
+        # its token on credit would go ahead of them. So a download waits for a token above
+        # ``DOWNLOAD_FLOOR`` (or the batch floor), up to ``max_wait_s``, then is refused.
+        waited = 0.0
+        while True:
+            batch = self.plan(ctx, operation, None)
+            batch.admission.rate_floor = max(batch.admission.rate_floor, DOWNLOAD_FLOOR * self.burst)
+            batch.admission.rate_max_wait_s = 0.0
+            answers = batch.run()
+            wait = max(answers.slow_s, answers.token_wait_s)
+            if wait <= 0:
+                return
+            taken = answers.token_wait_s <= 0  # only the provider's slow-down asks to wait: the token is ours
+            if waited + wait > self.max_wait_s:
+                err = RateLimited(f"Our own rate limit asks to wait {wait:.1f} s.", retry_after=wait)
+                err.nothing_sent = True
+                raise err
+            wait = max(wait, 0.001)  # a wait rounded to nothing would ask again at once, forever
+            self.sleep(wait)
+            if taken:
+                return
+            waited += wait
 
     def ask(self, ctx: CallContext, admission: Admission) -> None:
         admission.rate_keys, admission.rate_per_s, admission.burst = (self.slow_key, self.key), self.rate, self.burst

@@ -59,7 +59,7 @@ def _one_round(poller: Poller) -> int:
 def _runtime(sim: SimulatorHandle, make_settings: object, **env: str) -> Runtime:
     from genline.storage.migrate import upgrade
 
-    env = {"GENLINE_POLL_SCHEDULE": "expected", **env}  # opt-in: the shipped schedule is fixed
+    env = {"GENLINE_POLL_SCHEDULE": "expected", **env}  # as shipped, and whatever the environment says
     settings: Settings = make_settings(sim.base_url, GENLINE_PROVIDER_RATE_PER_S="100000", **env)  # type: ignore[operator]
     upgrade(settings.database_url)
     return Runtime.from_settings(settings)

@@ -11,7 +11,7 @@ from genline.config.clock import utcnow
 from genline.config.errors import RateLimited
 from genline.provider.gateway import CallContext, CallRecord
 from genline.provider.shared_state import DatabaseSharedState, LocalSharedState, RedisSharedState, SharedState
-from genline.provider.stages import POLL_FLOOR, RequestBudget
+from genline.provider.stages import DOWNLOAD_FLOOR, POLL_FLOOR, RequestBudget
 from genline.storage.db import Database
 from genline.storage.migrate import upgrade
 
@@ -113,15 +113,36 @@ def test_our_own_refusal_does_not_tighten_the_budget() -> None:
 
 
 def test_cancels_and_downloads_draw_from_the_budget_and_single_polls_do_not() -> None:
-    state = LocalSharedState(clock=Clock())
+    clock = Clock()
+    state = LocalSharedState(clock=clock)
     waits: list[float] = []
-    budget = RequestBudget(state, rate_per_s=1, burst=2, sleep=waits.append)
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.now += seconds
+
+    budget = RequestBudget(state, rate_per_s=1, burst=4, sleep=sleep)
     budget.before(CallContext(), "cancel")
     budget.before(CallContext(), "download")
     budget.before(CallContext(), "poll")  # the poller draws a round's polls at once (draw_polls)
     assert waits == []
+    budget.before(CallContext(), "download")  # two tokens left: a download leaves DOWNLOAD_FLOOR of the burst
+    assert sum(waits) == pytest.approx(DOWNLOAD_FLOOR * 4 + 1 - 2, abs=0.01)
+
+
+def test_downloads_come_after_polls_and_never_take_a_token_on_credit() -> None:
+    clock = Clock()
+    state = LocalSharedState(clock=clock)
+    waits: list[float] = []
+    budget = RequestBudget(state, rate_per_s=10, burst=10, sleep=waits.append)  # the clock stands still
+    assert budget.draw_polls(100).granted == 7  # polls leave POLL_FLOOR of the burst: 3 tokens
+    with pytest.raises(RateLimited) as refused:
+        budget.before(CallContext(), "download")  # needs more than DOWNLOAD_FLOOR (4.5) in the bucket
+    assert refused.value.nothing_sent and sum(waits) <= budget.max_wait_s
+    budget.before(CallContext(), "chat")  # interactive work still goes first, on credit if need be
+    clock.now += 1.0  # ten tokens' refill: the poller's next round and a download both get theirs
     budget.before(CallContext(), "download")
-    assert waits == [pytest.approx(1.0)]
+    assert budget.draw_polls(100).granted > 0
 
 
 def test_for_limit_keeps_rate_and_burst_together_within_the_providers_limit() -> None:

@@ -15,15 +15,16 @@ engine's ``finish_step``, which the worker's completions use); only the rare end
 cancelled, unknown to the provider) load ORM objects and go through ``fail_step``, in the same
 transaction. The reads go through the gateway on ``provider.poll_client.make_task_reader``'s reader.
 
-Every read draws on the provider key's request budget (``provider.stages.RequestBudget``), a
-round's tokens in one shared-state round trip: the round's jobs are read earliest due first as far
-as the budget goes, and the rest keep their place in line for the next round, so when the budget
+Every read draws on the provider key's request budget (``provider.stages.RequestBudget``), as
+many tokens as it holds in one shared-state round trip, and again as it refills, for at most
+``PACE_S`` a round: the round's jobs are read earliest due first as far as the budget goes, and
+the rest keep their place in line for the next round, so when the budget
 cannot cover every poll due the cadence stretches evenly (logged as ``poll_cadence_stretched``,
 and held in the shared state under ``STRETCH_KEY`` for ``genline`` status readers). A 429 or a low
 ``x-ratelimit-remaining`` among a round's answers tightens the budget for every process.
 
 When a job is read is planned by ``plan_delay`` and ``first_poll_at`` (``GENLINE_POLL_SCHEDULE``):
-with ``expected`` (opt-in; ``fixed`` ships) a job's first read comes near its expected finish (the provider's
+with ``expected`` (as shipped) a job's first read comes near its expected finish (the provider's
 estimate, else the model's recent median render time from our own rows, else the cadence), its
 progress then tells when it will finish, and past that it is read every
 ``GENLINE_POLL_INTERVAL_S``; with ``fixed``, every ``GENLINE_POLL_INTERVAL_S`` from the submit on.
@@ -96,6 +97,10 @@ FINISH_MARGIN_S = 0.25  # read this long after the finish its progress points to
 PROGRESS_MIN = 5  # below this a job's progress says too little to extrapolate from
 LONGEST_WAIT_S = 600.0  # no planned wait between two reads of a job is longer
 DEFER_SLOTS = 20  # claimed beyond the budget's tokens each round: first polls only move, free
+# A round keeps drawing on the budget as it refills for at most this long: one draw a round left
+# the poller waiting a whole refill between small rounds (~55 reads/s against a 90/s budget).
+PACE_S = 0.5
+MIN_DRAW_WAIT_S = 0.005
 MEDIAN_REFRESH_S = 60.0
 MEDIAN_MIN_SAMPLES = 5
 STRETCH_LOG_EVERY_S = 10.0
@@ -311,7 +316,6 @@ class Poller:
         self._medians_at = -MEDIAN_REFRESH_S
         self.stretched_since: float | None = None
         self._stretch_logged = 0.0
-        self.budget_wait_s = 0.0  # after a round the budget did not cover: until the next token
 
     async def _gateway(self) -> Gateway:
         if self.gateway is None:
@@ -465,15 +469,16 @@ class Poller:
         gateway = await self._gateway()
         answers: list[TaskState | BaseException] = [LEASE_LOST] * len(claimed)
         reads = self.plan_reads(claimed, answers)
-        granted = (await asyncio.to_thread(self.budget.draw_polls, len(reads))).granted if reads else 0
-        for i in reads[granted:]:
-            answers[i] = UNFUNDED
-        self.note_stretch(claimed, len(reads), granted)
-        work = iter((i, claimed[i]) for i in reads[:granted])
+        if not reads:
+            self.note_stretch(claimed, 0, 0)
+            return answers
+        work: asyncio.Queue[int | None] = asyncio.Queue()
         monotonic = time.monotonic
+        readers = min(self.settings.poller_concurrency, len(reads))
 
         async def reader() -> None:
-            for i, c in work:
+            while (i := await work.get()) is not None:
+                c = claimed[i]
                 if monotonic() > c.lease_deadline:
                     continue
                 try:
@@ -481,43 +486,64 @@ class Poller:
                 except Exception as exc:  # noqa: BLE001  # an answer like any other: _on_error decides
                     answers[i] = exc
 
-        readers = min(self.settings.poller_concurrency, granted)
-        if readers == 1:
-            await reader()
-        elif readers:
-            await asyncio.gather(*(reader() for _ in range(readers)))
+        async def feed() -> int:
+            """Hand the readers as many reads as the budget covers, drawing again as it refills
+            (for at most ``PACE_S``); the rest are ``UNFUNDED`` and keep their place in line."""
+            pending, granted, give_up = reads, 0, monotonic() + PACE_S
+            while pending:
+                drawn = await asyncio.to_thread(self.budget.draw_polls, len(pending))
+                for i in pending[: drawn.granted]:
+                    work.put_nowait(i)
+                granted += drawn.granted
+                pending = pending[drawn.granted :]
+                wait = max(drawn.wait_s, MIN_DRAW_WAIT_S)
+                if not pending or monotonic() + wait > give_up:
+                    break
+                await asyncio.sleep(wait)
+            for i in pending:
+                answers[i] = UNFUNDED
+            for _ in range(readers):
+                work.put_nowait(None)
+            return granted
+
+        results = await asyncio.gather(feed(), *(reader() for _ in range(readers)))
+        self.note_stretch(claimed, len(reads), cast(int, results[0]))
         self.watch_rate_limit(answers)
         return answers
 
     def plan_reads(self, claimed: list[Claimed], answers: list[TaskState | BaseException]) -> list[int]:
-        """Which claimed jobs are read this round (their indexes, earliest due first): all, but
-        with ``expected`` polling a job never read whose expected finish is far off is
-        ``DEFERRED`` (its first poll moves there; no request)."""
+        """Which claimed jobs are read this round (their indexes), in the order the budget
+        funds them. ``fixed``: all, earliest due first. ``expected``: a job never read whose
+        expected finish is far off is ``DEFERRED`` (its first poll moves there; no request), and
+        the rest go earliest expected finish first: a read due now because its job should just
+        have finished comes before a first read that only learns how far a longer job has got,
+        so when the budget runs short the reads that find finished jobs are the last to wait."""
         if not self.expected:
             return list(range(len(claimed)))
-        now_s, interval, reads = time.time(), self.settings.poll_interval_s, []
+        now_s, interval = time.time(), self.settings.poll_interval_s
+        finish: dict[int, float] = {}
         for i, c in enumerate(claimed):
             if c.polls == 0:
                 expected = c.estimated_time_s or self.medians.get(c.ctx.model or "")
                 if first_poll_at(c.submitted_s, expected, now_s, interval) is not None:
                     answers[i] = DEFERRED
                     continue
-            reads.append(i)
-        return reads
+                if expected and c.submitted_s is not None:
+                    finish[i] = max(c.due_s, c.submitted_s + expected)
+                    continue
+            finish[i] = c.due_s  # read before: its reads are planned at its expected finish
+        return sorted(finish, key=finish.__getitem__)
 
     def note_stretch(self, claimed: list[Claimed], wanted: int, granted: int) -> None:
         """Make a stretched cadence visible: a log event (at most every ``STRETCH_LOG_EVERY_S``),
         and ``STRETCH_KEY`` in the shared state while it lasts; and when it ends."""
         now = time.monotonic()
         if granted >= wanted:
-            self.budget_wait_s = 0.0
             if self.stretched_since is not None:
                 log.info("poll_cadence_restored", stretched_s=round(now - self.stretched_since, 1))
                 self.stretched_since = None
                 self.rt.shared.delete(STRETCH_KEY)
             return
-        # until the bucket holds a round's worth again (what the polls may take of its burst)
-        self.budget_wait_s = max(0.01, min(1.0, self.budget.burst * (1 - POLL_FLOOR) / max(self.budget.rate, 1e-3)))
         if self.stretched_since is None:
             self.stretched_since = now
         if now - self._stretch_logged >= STRETCH_LOG_EVERY_S:
@@ -791,12 +817,14 @@ class Poller:
 
     def batch_limit(self) -> int:
         """``poller_batch``; while the budget stretches the cadence, about what it covers in one
-        round (what the polls may take of its burst; the poller waits for it to refill between
-        rounds), and a few first polls that only move: claiming more would only give the rest back."""
+        round (what the polls may take of its burst, and its refill over ``PACE_S``): claiming
+        more would only give the rest back. With ``expected`` polling twice that, and a few first
+        polls that only move, so the reads funded can be chosen by expected finish."""
         if self.stretched_since is None:
             return self.settings.poller_batch
-        covered = int(self.budget.burst * (1 - POLL_FLOOR)) + 1
-        return max(1, min(self.settings.poller_batch, covered + (DEFER_SLOTS if self.expected else 0)))
+        covered = int(self.budget.burst * (1 - POLL_FLOOR) + self.budget.rate * PACE_S) + 1
+        # with ``expected`` polling, twice that: the reads funded are chosen by expected finish
+        return max(1, min(self.settings.poller_batch, covered * 2 + DEFER_SLOTS if self.expected else covered))
 
     def watch_account(self, answers: list[TaskState | BaseException]) -> None:
         """A 401/402 on a read pauses paid work for every process (as a worker's call does) and
@@ -877,9 +905,6 @@ class Poller:
                         ahead = None
                     count = 0
                     await asyncio.sleep(1.0)
-                if count and self.budget_wait_s > 0:  # the budget ran short: let it refill a little
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=self.budget_wait_s)
                 if count == 0:
                     nap = max(0.005, min(idle_s, await asyncio.to_thread(self.seconds_to_next_due)))
                     if doorbell is not None:  # a new job rings it: its first poll is then on time

@@ -392,6 +392,7 @@ class GateState(Protocol):
     script: FaultScript
     window: RateWindow
     requests_by_status: Counter[int]
+    requests_by_route: Counter[str]
 
     async def hang(self, seconds: float) -> None: ...
 
@@ -449,6 +450,11 @@ async def _guard(request: web.Request, handler: Handler, state: GateState) -> we
     return await handler(request)
 
 
+def _route(path: str) -> str:
+    """What the stats count a request under: ``/v1/<resource>`` or ``/files`` (no ids)."""
+    return "/files" if path.startswith("/files/") else "/".join(path.split("/", 3)[:3])
+
+
 def make_gate(state: GateState) -> Middleware:
     """The middleware for ``state``; admin routes (``/_sim/``) pass straight through."""
 
@@ -471,6 +477,7 @@ def make_gate(state: GateState) -> Middleware:
         if request[HANG] > 0:
             await state.hang(request[HANG])
         state.requests_by_status[response.status] += 1
+        state.requests_by_route[_route(request.path)] += 1
         return response
 
     return gate

@@ -93,6 +93,7 @@ class SimState:
         self.billed_chat = Decimal(0)
         self.billed_by_task: dict[str, Decimal] = {}
         self.requests_by_status: Counter[int] = Counter()
+        self.requests_by_route: Counter[str] = Counter()  # by the path's first two parts
         self.inputs: Counter[bytes] = Counter()
         self._unsettled: set[str] = set()
         self._serial = 0
@@ -164,6 +165,7 @@ class SimState:
                 float(sum((v for k, v in self.billed_by_task.items() if k in self.batch_tasks), Decimal(0))), 6
             ),
             "requests_by_status": {str(k): v for k, v in sorted(self.requests_by_status.items())},
+            "requests_by_route": dict(sorted(self.requests_by_route.items())),
         }
 
 
