@@ -321,3 +321,25 @@ def test_a_job_completed_by_another_round_after_this_claim_lapsed_is_billed_once
             if c.cost_usd
         ]
     assert len(costed) == 1  # booked once, by the round that completed the job
+
+
+def test_a_copy_the_request_budget_holds_back_is_due_again_when_the_budget_says_not_a_sweep_later(
+    rt: Runtime, request_fields: RequestFn
+) -> None:
+    """A store step once reached its object 64 s late in a bench run: refused by genline's own
+    request budget before it sent anything, it waited the sweeper's GENLINE_SWEEP_AFTER_S (60 s).
+    Refused now, it keeps its attempt and is due again when the budget has a token for it."""
+    Genline(runtime=rt).submit(request_fields())
+    store = run_until(rt, "store")
+    rt.budget = RequestBudget(rt.shared, rate_per_s=2.0, burst=10, provider="held")  # a bucket of its own
+    assert rt.budget.draw_polls(100).granted == 7  # the poller's reads took all above their floor
+    waits: list[float] = []
+    rt.budget.sleep = waits.append  # the clock stands still: no token comes while it waits
+    outcome = run_step(rt, store)
+    assert outcome is not None and (outcome.state, outcome.code) == ("retry", "provider_rate_limited")
+    with rt.db.transaction() as s:
+        step = s.get_one(Step, store)
+        assert step.status == StepStatus.QUEUED and step.attempts == 0  # nothing was sent: no attempt spent
+        assert step.not_before is not None
+        wait_s = (step.not_before - step.updated_at).total_seconds()
+    assert 0 < wait_s <= rt.budget.max_wait_s < rt.settings.sweep_after_s
