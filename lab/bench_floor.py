@@ -9,7 +9,7 @@ process's jobs: a completion's next step goes to the process that read it), with
 of a millisecond so that no round waits. No broker, no worker or poller process, no Celery: what
 is left is the work itself (the provider's HTTP calls and downloads, the database transactions,
 the stored files). Every process starts at the same instant (after a warm-up of its own); the
-rate is pipelines ÷ (the last one's end − that instant). genline's pipelines/s ÷ this rate is
+rate is pipelines ÷ (the last one's end − the first one's start). genline's pipelines/s ÷ this rate is
 what orchestration through Celery leaves of the work's own speed on the same cores.
 
 Until 2026-12-03 the floor was one such process's CPU, and the ratio an estimate built on it
@@ -87,9 +87,10 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
         warm = [request(i, f"{run}-warm{me}") for i in range(3)]
         _drive(rt, api, poller, loop, warm, f"{run}-warm{me}-%")
         time.sleep(max(0.0, spec["start_at"] - time.time()))
+        started_at = time.time()  # later than start_at if the warm-up ran long
         share = [request(i, f"{run}-{me}") for i in range(spec["n"])]
         _drive(rt, api, poller, loop, share, f"{run}-%")
-        return {"ended_at": time.time()}
+        return {"started_at": started_at, "ended_at": time.time()}
     finally:
         loop.run_until_complete(poller.aclose())
         loop.close()
@@ -100,7 +101,7 @@ def pipeline_floor_rate(env: dict[str, str], n: int, processes: int, log_dir: An
     """Pipelines/s of ``n`` pipelines run by ``processes`` Celery-free processes at once (see the
     module's notes)."""
     run = f"floor{uuid.uuid4().hex[:6]}"
-    start_at = time.time() + 20.0  # after every process's imports and warm-up
+    start_at = time.time() + 10.0  # after every process's imports and warm-up
     share = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
     procs = []
     for index, count in enumerate(share):
@@ -114,13 +115,15 @@ def pipeline_floor_rate(env: dict[str, str], n: int, processes: int, log_dir: An
                 stderr=log,
             )
         )
-    ended = []
+    started, ended = [], []
     for proc in procs:
         out, _ = proc.communicate(timeout=900)
         if proc.returncode != 0:
             raise RuntimeError(f"bench: a floor process exited {proc.returncode}; see {log_dir}/floor-*.log")
-        ended.append(json.loads(out.decode().strip().splitlines()[-1])["ended_at"])
-    return n / (max(ended) - start_at)
+        times = json.loads(out.decode().strip().splitlines()[-1])
+        started.append(times["started_at"])
+        ended.append(times["ended_at"])
+    return n / (max(ended) - min(started))
 
 
 if __name__ == "__main__":
