@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -31,6 +30,7 @@ from genline.storage.models import Pipeline, ProviderCall
 from genline.tasks.app import CeleryDispatcher, make_celery
 from genline.workers.drain import drain
 from genline.workers.processes import ProcessGroup
+from tests.support.processes import wait_for
 from tests.support.s3_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,17 +80,6 @@ def sample_value(found: list[Metric], name: str, **labels: str) -> float:
     return total
 
 
-def _wait(what: str, check: Callable[[], Any], timeout_s: float, group: ProcessGroup) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        group.check()
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_prefork_workers_counts_add_up_to_every_call_the_provider_saw(
     tmp_path: Path, request_fields: Callable[..., dict[str, Any]]
 ) -> None:
@@ -133,7 +122,7 @@ def test_a_prefork_workers_counts_add_up_to_every_call_the_provider_saw(
                     )
                 return done == len(pids)
 
-            _wait("every pipeline to end", all_ended, 180, group)
+            wait_for("every pipeline to end", all_ended, 180, group)
 
             def scrape() -> str | None:
                 try:
@@ -142,7 +131,7 @@ def test_a_prefork_workers_counts_add_up_to_every_call_the_provider_saw(
                     return None
                 return answer.text if answer.status_code == 200 else None
 
-            text = _wait("the metrics endpoint", scrape, 30, group)
+            text = wait_for("the metrics endpoint", scrape, 30, group)
             # The poller books its rounds' audit rows after the call: the counts settle at once,
             # the last row may trail by a round.
             stats = httpx.get(f"{sim.base_url}/_sim/stats").json()

@@ -12,22 +12,17 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from genline.config.constants import StepStatus
-from genline.config.settings import load_settings
 from genline.pipelines.api import Genline
-from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimConfig, start_simulator
-from genline.storage.migrate import upgrade
 from genline.storage.models import Step
-from genline.tasks.app import CeleryDispatcher, make_celery
 from genline.workers.processes import Child, ProcessGroup
+from tests.support.processes import group_and_runtime, wait_for, zero_setup_env
 
 # A pool process: it does its work when its parent says so, and has SIGTERM's default action,
 # as a Celery prefork pool process has.
@@ -122,17 +117,6 @@ def test_stop_kills_a_child_that_ignores_sigterm_once_the_timeout_is_out(tmp_pat
     assert main.returncode == -signal.SIGKILL
 
 
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float, group: ProcessGroup) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        group.check()
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.timeout(240)
 def test_a_real_worker_stopped_in_the_middle_of_a_step_finishes_it_and_exits_cleanly(tmp_path: Path) -> None:
     """Real worker and poller processes on the zero-setup default; the provider's video download is
@@ -142,16 +126,8 @@ def test_a_real_worker_stopped_in_the_middle_of_a_step_finishes_it_and_exits_cle
         api_key=key, image_seconds=0.2, video_seconds=0.2, video_bytes=1 << 20, download_bytes_per_s=1 << 18
     )
     with start_simulator(config) as sim:
-        env = {
-            "GENLINE_VAR_DIR": str(tmp_path / "var"),
-            "APIMART_BASE_URL": sim.base_url,
-            "APIMART_API_KEY": key,
-            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator
-        }
-        settings = load_settings(env)
-        upgrade(settings.database_url)
-        group = ProcessGroup(log_dir=tmp_path / "logs", env=env)
-        rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
+        env = zero_setup_env(tmp_path, sim.base_url, key)
+        group, rt = group_and_runtime(tmp_path, env)
         try:
             worker = group.start_worker("worker", concurrency=1)
             group.start_poller()
@@ -174,7 +150,7 @@ def test_a_real_worker_stopped_in_the_middle_of_a_step_finishes_it_and_exits_cle
                     step = s.scalars(select(Step).where(Step.pipeline_id == pid, Step.kind == "store")).one()
                 return step if step.status == StepStatus.RUNNING else None
 
-            running = _wait_for("the store step to start", storing, 120, group)
+            running = wait_for("the store step to start", storing, 120, group)
             group.stop()
             with rt.db.transaction() as s:
                 store = s.get_one(Step, running.id)

@@ -22,7 +22,6 @@ from sqlalchemy import select
 
 from genline.config.clock import utcnow
 from genline.config.constants import StepStatus
-from genline.config.settings import load_settings
 from genline.pipelines.api import Genline
 from genline.pipelines.engine import run_step
 from genline.pipelines.runtime import Runtime
@@ -30,13 +29,11 @@ from genline.provider.gateway import CallContext
 from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
 from genline.provider.stages import RequestBudget
 from genline.provider.wire import SubmitResult
-from genline.storage.migrate import upgrade
 from genline.storage.models import ProviderCall, ProviderJob, Step, StoredObject
-from genline.tasks.app import CeleryDispatcher, make_celery
 from genline.workers.drain import drain
 from genline.workers.poller import Poller
-from genline.workers.processes import ProcessGroup
 from tests.support.drive import nudges, run_until, sim_stats
+from tests.support.processes import group_and_runtime, wait_for, zero_setup_env
 
 RequestFn = Callable[..., dict[str, Any]]
 
@@ -119,17 +116,6 @@ def test_the_video_is_stored_when_the_image_step_used_our_copy(rt: Runtime, requ
     assert status["image"]["key"] == f"{pid}/image.png" and status["video"]["key"] == f"{pid}/video.mp4"
 
 
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float, group: ProcessGroup) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        group.check()
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link_expires(tmp_path: Path) -> None:
     """Real worker and poller processes on the zero-setup default with the shipped settings; only
     the provider's links are short (90 s) and its downloads slow (a 1 MiB video at 128 KiB/s), so
@@ -139,16 +125,8 @@ def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link
         api_key=key, image_seconds=0.5, video_seconds=1, url_ttl_s=90, video_bytes=1 << 20, download_bytes_per_s=131072
     )
     with start_simulator(config) as sim:
-        env = {
-            "GENLINE_VAR_DIR": str(tmp_path / "var"),
-            "APIMART_BASE_URL": sim.base_url,
-            "APIMART_API_KEY": key,
-            "GENLINE_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the simulator
-        }
-        settings = load_settings(env)
-        upgrade(settings.database_url)
-        group = ProcessGroup(log_dir=tmp_path / "logs", env=env)
-        rt = Runtime.from_settings(settings, CeleryDispatcher(make_celery(settings)))
+        env = zero_setup_env(tmp_path, sim.base_url, key)
+        group, rt = group_and_runtime(tmp_path, env)
         try:
             group.start_worker("doomed", concurrency=1)
             group.start_poller()
@@ -168,7 +146,7 @@ def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link
                     step = s.scalars(select(Step).where(Step.pipeline_id == pid, Step.kind == "store")).one()
                 return step if step.status == StepStatus.RUNNING else None
 
-            running = _wait_for("the store step to start", copying, 120, group)
+            running = wait_for("the store step to start", copying, 120, group)
             time.sleep(2)  # two seconds into an eight-second download
             doomed = group.children[0]
             os.killpg(doomed.proc.pid, signal.SIGKILL)
@@ -181,7 +159,7 @@ def test_a_worker_killed_in_the_middle_of_a_copy_is_recovered_before_a_90_s_link
                 status = api.status(pid)
                 return status if status["status"] in ("succeeded", "failed", "cancelled") else None
 
-            status = _wait_for("the pipeline to end", ended, 150, group)
+            status = wait_for("the pipeline to end", ended, 150, group)
             recovered_in = time.monotonic() - killed_at
         finally:
             group.stop()
