@@ -101,8 +101,12 @@ def _after_id_word(text: str, start: int) -> bool:
     return bool(_ID_WORDS.search(text[max(0, start - _CONTEXT_CHARS) : start]))
 
 
+_NON_DIGIT = re.compile(r"\D")
+_DIGIT = re.compile(r"\d")
+
+
 def _digits(value: str) -> str:
-    return re.sub(r"\D", "", value)
+    return _NON_DIGIT.sub("", value)
 
 
 # --- e-mail ----------------------------------------------------------------------------------------
@@ -116,12 +120,16 @@ _EMAIL = re.compile(
 
 
 def _emails(text: str) -> Iterable[Finding]:
+    if "@" not in text and "(" not in text and "[" not in text:
+        return  # no "@", "(at)" or "[at]": no address (a test holds this against _EMAIL)
     for m in _EMAIL.finditer(text):
         yield Finding("email", m.start(), m.end())
 
 
 # --- payment cards ---------------------------------------------------------------------------------
-_CARD = re.compile(r"(?<![\w.,/-])\d(?:[ -]?\d){13,18}(?![\w/-]|[.,]\d)")
+# The character before a number is checked once its first digit is read (as in ``_pattern``).
+_CARD = re.compile(r"\d(?<![\w.,/-].)(?:[ -]?\d){13,18}(?![\w/-]|[.,]\d)")
+_CARD_MIN_DIGITS = 14
 
 
 def _card_network(number: str) -> str | None:
@@ -191,28 +199,44 @@ class _IdRule:
     needs_context: bool  # plain digits: only after words naming such an id
 
 
-def _pattern(body: str) -> re.Pattern[str]:
-    return re.compile(rf"(?<![\w.,/-]){body}(?![\w/-]|[.,]\d)")
+def _pattern(first: str, rest: str) -> re.Pattern[str]:
+    """An id standing on its own: no word character, ``.``, ``,``, ``/`` or ``-`` right before or
+    after it (nor ``.5`` or ``,5`` after it). ``first`` is its first character's class and ``rest``
+    the remainder; the character before it is checked once ``first`` is read (``(?<![\\w.,/-].)``),
+    not before, so re can skip in C every place where no id starts: ~2.3x faster on 2,000
+    characters than ``(?<![\\w.,/-])`` + body, and the same matches (tests/test_pii.py)."""
+    return re.compile(rf"{first}(?<![\w.,/-].){rest}(?![\w/-]|[.,]\d)")
 
 
 _ID_RULES = (
-    _IdRule("us.ssn", _pattern(r"\d{3}([- ])\d{2}\1\d{4}"), us_ssn.is_valid, False),
-    _IdRule("us.ssn", _pattern(r"\d{9}"), us_ssn.is_valid, True),
+    _IdRule("us.ssn", _pattern(r"\d", r"\d{2}([- ])\d{2}\1\d{4}"), us_ssn.is_valid, False),  # 123-45-6789
+    _IdRule("us.ssn", _pattern(r"\d", r"\d{8}"), us_ssn.is_valid, True),
     _IdRule(
         "fr.nir",
-        _pattern(r"[12378]\s?\d{2}\s?(?:0[1-9]|1[0-2]|[2-9]\d)\s?(?:\d{2}|2[AB])\s?\d{3}\s?\d{3}\s?\d{2}"),
+        _pattern(r"[12378]", r"\s?\d{2}\s?(?:0[1-9]|1[0-2]|[2-9]\d)\s?(?:\d{2}|2[AB])\s?\d{3}\s?\d{3}\s?\d{2}"),
         fr_nir.is_valid,
         False,
     ),
-    _IdRule("it.codicefiscale", _pattern(r"[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]"), it_cf.is_valid, False),
-    _IdRule("es.dni", _pattern(r"\d{8}-?[A-Z]"), es_dni.is_valid, False),
-    _IdRule("es.nie", _pattern(r"[XYZ]-?\d{7}-?[A-Z]"), es_nie.is_valid, False),
-    _IdRule("se.personnummer", _pattern(r"(?:19|20)?\d{6}[-+]\d{4}"), se_pnr.is_valid, False),
-    _IdRule("de.idnr", _pattern(r"\d{2}\s?\d{3}\s?\d{3}\s?\d{3}"), de_idnr.is_valid, True),
-    _IdRule("nl.bsn", _pattern(r"\d{4}\.?\d{2}\.?\d{3}"), nl_bsn.is_valid, True),
-    _IdRule("pl.pesel", _pattern(r"\d{11}"), pl_pesel.is_valid, True),
-    _IdRule("be.nn", _pattern(r"\d{2}\.?\d{2}\.?\d{2}-?\d{3}\.?\d{2}"), be_nn.is_valid, True),
+    _IdRule(
+        "it.codicefiscale", _pattern(r"[A-Z]", r"[A-Z]{5}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]"), it_cf.is_valid, False
+    ),
+    _IdRule("es.dni", _pattern(r"\d", r"\d{7}-?[A-Z]"), es_dni.is_valid, False),
+    _IdRule("es.nie", _pattern(r"[XYZ]", r"-?\d{7}-?[A-Z]"), es_nie.is_valid, False),
+    # (?:19|20)?\d{6}[-+]\d{4}, its first digit read first: the century's 1 or 2, or the date's own
+    _IdRule(
+        "se.personnummer",
+        _pattern(r"\d", r"(?:(?<=1)9\d{6}|(?<=2)0\d{6}|\d{5})[-+]\d{4}"),
+        se_pnr.is_valid,
+        False,
+    ),
+    _IdRule("de.idnr", _pattern(r"\d", r"\d\s?\d{3}\s?\d{3}\s?\d{3}"), de_idnr.is_valid, True),
+    _IdRule("nl.bsn", _pattern(r"\d", r"\d{3}\.?\d{2}\.?\d{3}"), nl_bsn.is_valid, True),
+    _IdRule("pl.pesel", _pattern(r"\d", r"\d{10}"), pl_pesel.is_valid, True),
+    _IdRule("be.nn", _pattern(r"\d", r"\d\.?\d{2}\.?\d{2}-?\d{3}\.?\d{2}"), be_nn.is_valid, True),
 )
+
+
+_ID_MIN_DIGITS = 7  # the fewest digits any rule above matches (it.codicefiscale, es.nie)
 
 
 def _national_ids(text: str) -> Iterable[Finding]:
@@ -231,13 +255,14 @@ def _national_ids(text: str) -> Iterable[Finding]:
 
 
 # --- IP addresses ----------------------------------------------------------------------------------
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+_IPV4 = re.compile(r"\d(?<![\w.].)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?![\w]|\.\d)")  # as _CARD
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:)?(?![\w:])")
 _VERSION_BEFORE = re.compile(r"(?:\bv|\bversion\s*|\bver\.?\s*|\bfirmware\s*|\bfw\s*|\bbuild\s*)$", re.IGNORECASE)
 
 
 def _ips(text: str) -> Iterable[Finding]:
-    for m in _IPV4.finditer(text):
+    # An IPv4 address has three dots, an IPv6 one two colons or more: without them, nothing to read.
+    for m in _IPV4.finditer(text) if "." in text else ():
         if _VERSION_BEFORE.search(text[max(0, m.start() - 10) : m.start()]):
             continue
         try:
@@ -245,7 +270,7 @@ def _ips(text: str) -> Iterable[Finding]:
         except ValueError:
             continue
         yield Finding("ip", m.start(), m.end(), "ipv4")
-    for m in _IPV6.finditer(text):
+    for m in _IPV6.finditer(text) if text.count(":") >= 2 else ():
         value = m.group()
         groups = [g for g in value.split(":") if g]
         if len(groups) < 2 or ("::" not in value and len(groups) != 8):
@@ -262,6 +287,7 @@ def _ips(text: str) -> Iterable[Finding]:
 # matcher (slow: ~20 ms per region on 2,000 characters) reads only these, with some text around them.
 _PHONE_CANDIDATE = re.compile(r"\+?\(?\d[\d \t().\-/]{4,}\d")
 _PHONE_WINDOW = 8
+_PHONE_MIN_DIGITS = 6  # a candidate with fewer is no phone number (_phone_windows)
 
 
 def _phone_windows(text: str, taken: list[Finding]) -> list[tuple[int, int, re.Match[str], bool]]:
@@ -269,7 +295,7 @@ def _phone_windows(text: str, taken: list[Finding]) -> list[tuple[int, int, re.M
     as something else (a card, an IBAN, an id) and not a code after "order", "SKU" and the like."""
     windows: list[tuple[int, int, re.Match[str], bool]] = []
     for m in _PHONE_CANDIDATE.finditer(text):
-        if len(_digits(m.group())) < 6 or any(t.start <= m.start() and m.end() <= t.end for t in taken):
+        if len(_digits(m.group())) < _PHONE_MIN_DIGITS or any(t.start <= m.start() and m.end() <= t.end for t in taken):
             continue
         before = text[max(0, m.start() - 2) : m.start()]
         international = m.group().startswith("+") or (m.group().startswith("00") and not before.strip().endswith("#"))
@@ -313,8 +339,19 @@ def _phones(text: str, regions: tuple[str, ...], taken: list[Finding]) -> Iterab
 # --- all together ----------------------------------------------------------------------------------
 def find_pii(text: str, *, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> list[Finding]:
     """Every piece of personal data in ``text``, in order, none overlapping another."""
-    found = [*_emails(text), *_ibans(text), *_cards(text), *_national_ids(text), *_ips(text)]
-    found += _phones(text, phone_regions, found)
+    # Each pattern below reads a text only where it holds enough digits for any match: a card number
+    # has 14 or more, each national id 7 or more (Italy's codice fiscale and Spain's NIE), a phone
+    # number 6 (``_phone_windows``). A short description often holds fewer: up to 13 passes spared.
+    digits = len(_DIGIT.findall(text))
+    found = [
+        *_emails(text),
+        *_ibans(text),
+        *(_cards(text) if digits >= _CARD_MIN_DIGITS else ()),
+        *(_national_ids(text) if digits >= _ID_MIN_DIGITS else ()),
+        *_ips(text),
+    ]
+    if digits >= _PHONE_MIN_DIGITS:
+        found += _phones(text, phone_regions, found)
     found.sort(key=lambda f: (_PRIORITY[f.kind], f.start, -(f.end - f.start)))
     kept: list[Finding] = []
     for finding in found:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tracemalloc
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ import pytest
 from PIL import Image
 
 from genline.cli.batch import MAX_BATCH_BYTES, MAX_BATCH_LINES, MAX_LINE_BYTES
-from genline.config.errors import ConfigError
+from genline.config.errors import ConfigError, ValidationError
 from genline.config.settings import KNOWN_ENV, load_settings
+from genline.pipelines import request
 from genline.pipelines.api import Genline
 from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimulatorHandle
@@ -56,6 +58,19 @@ def test_control_characters_nul_and_bidi_overrides_are_a_field_error(
     err = refused(rt, sim, lambda: Genline(runtime=rt).submit(fields))
     assert (err.code, err.field) == (f"{field}_invalid_character", field)
     assert "U+" in err.message and err.message.endswith(".")
+
+
+def test_every_control_character_surrogate_and_bidi_control_of_unicode_is_refused_and_nothing_else() -> None:
+    """The whole of Unicode against the rule the text fields follow: categories Cc and Cs and the
+    bidi controls are refused (tab and line feed allowed in a description); every other character
+    is allowed, and a refusal names the first bad character and where it is."""
+    everything = "".join(map(chr, range(0x110000)))
+    rule = {c for c in everything if unicodedata.category(c) in ("Cc", "Cs")} | set(request._BIDI_CONTROLS)
+    assert set(request._REFUSED_CHAR.findall(everything)) == rule
+    assert set(request._REFUSED_CHAR_MULTILINE.findall(everything)) == rule - set(request._LINE_BREAKS)
+    with pytest.raises(ValidationError) as info:
+        request._check_characters("Mug\t350 ml\u202e, \x07", "description", multiline=True)
+    assert "U+202E at position 11" in info.value.message
 
 
 def test_a_description_may_hold_line_breaks_and_tabs_and_right_to_left_marks(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import re._constants as _re  # type: ignore[import-not-found]  # typeshed stubs only sre_constants
+import re._parser as _parser  # type: ignore[import-not-found]  # typeshed stubs only sre_parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from genline.config.catalog import FeaturePolicy, load_catalog, parse_features
 from genline.config.errors import ConfigError, ValidationError
 from genline.config.logging import configure_logging
 from genline.config.settings import Settings
+from genline.pipelines import injection
 from genline.pipelines.api import Genline
 from genline.pipelines.injection import find_injection
 from genline.pipelines.prompts import COPY_PROMPT, copy_messages, image_prompt, quote, video_prompt
@@ -126,6 +130,66 @@ def test_signals_name_what_was_seen() -> None:
     assert find_injection("<|im_start|>system") == ("role_marker",)
     assert find_injection("please enable turbo mode", ["Turbo  Mode"]) == ("blocklist",)
     assert find_injection("turbocharged mode", ["turbo mode"]) == ()
+
+
+def _first_letters(items: Any) -> set[str]:
+    """The letters a match of a parsed pattern can start with, past zero-width assertions; fails
+    the test on a start it cannot read (then the look-ahead's letters need another look)."""
+    for op, av in items:
+        if op is _re.AT:
+            continue
+        if op is _re.LITERAL and chr(av).isalpha():
+            return {chr(av).lower()}
+        if op is _re.SUBPATTERN:
+            return _first_letters(av[3])
+        if op is _re.BRANCH:
+            return set().union(*(_first_letters(branch) for branch in av[1]))
+        if op in (_re.MAX_REPEAT, _re.MIN_REPEAT) and av[0] >= 1:
+            return _first_letters(av[2])
+        pytest.fail(f"a match may start with {op} {av}")
+    pytest.fail("a match may be empty")
+
+
+@pytest.mark.parametrize(
+    ("alternatives", "gated", "leads"),
+    [
+        (injection._OVERRIDE_ALTERNATIVES, injection._OVERRIDE, "abdfinoprsuy"),
+        (injection._PROBE_ALTERNATIVES, injection._PROBE, "degloprstw"),
+    ],
+    ids=["override", "probe"],
+)
+def test_the_look_ahead_lets_through_every_place_a_signal_can_start(
+    alternatives: str, gated: re.Pattern[str], leads: str
+) -> None:
+    """The look-ahead in front of the big patterns only spares time: every alternative starts
+    with a letter it lets through, and the patterns find what they find without it."""
+    assert _first_letters(_parser.parse(alternatives, re.IGNORECASE)) <= set(leads)
+    assert gated.pattern.endswith(f"(?:{alternatives})") and f"[{leads}]" in gated.pattern
+    plain = re.compile(alternatives, re.IGNORECASE)
+    for text, _ in CORPUS:
+        for variant in (text, text.upper(), text.replace("i", "\u0131"), text.replace("s", "\u017f")):
+            variant = injection.normalise(variant)
+            assert bool(gated.search(variant)) == bool(plain.search(variant)), variant
+
+
+@pytest.mark.parametrize(
+    "blocklist",
+    [(), ("do anything now", "DAN mode"), ("Turbo  Mode", "-x-"), ("[[system]] now", "ünicode"), ("\u200b",)],
+)
+def test_a_blocklist_as_one_pattern_finds_what_each_phrase_found(blocklist: tuple[str, ...]) -> None:
+    """One pattern per blocklist, built once, against each phrase searched in turn (as before)."""
+
+    def one_by_one(text: str) -> bool:
+        for phrase in blocklist:
+            words = [re.escape(w) for w in injection.normalise(phrase).split()]
+            if phrase.strip() and re.search(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", text, re.IGNORECASE):
+                return True
+        return False
+
+    texts = [text for text, _ in CORPUS] + ["enable turbo mode", "a -x- b", "[[SYSTEM]]  NOW", "Ünicode", "", "."]
+    for text in texts:
+        normal = injection.normalise(text)
+        assert ("blocklist" in find_injection(text, blocklist)) == one_by_one(normal), text
 
 
 # --- the template --------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import re
+import re._constants as _re  # type: ignore[import-not-found]  # typeshed stubs only sre_constants
+import re._parser as _parser  # type: ignore[import-not-found]  # typeshed stubs only sre_parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from genline.config.catalog import load_catalog
 from genline.config.errors import ValidationError
 from genline.config.logging import configure_logging
 from genline.config.settings import Settings
+from genline.pipelines import pii
 from genline.pipelines.api import Genline
 from genline.pipelines.pii import KINDS, PLACEHOLDERS, find_pii, mask_pii
 from genline.pipelines.request import validate_request
@@ -216,6 +221,121 @@ def test_checksums_decide() -> None:
     assert find_pii("IBAN DE89 3704 0044 0532 0130 01") == []  # mod 97 fails
     assert find_pii("SSN 666-22-1234") == []  # area 666 is never issued
     assert find_pii("Steuer-ID 36 574 261 808") == []  # check digit fails
+
+
+# --- the shortcuts: a pattern is skipped only where it cannot match ---------------------------------
+def _fewest_digits(items: Any) -> int:
+    """The fewest decimal digits (``\\d``) any match of a parsed pattern holds: a lower bound read
+    from re's own parse (look-arounds and back-references count none)."""
+    total = 0
+    for op, av in items:
+        if op is _re.LITERAL:
+            total += chr(av).isdecimal()
+        elif op is _re.IN:
+            total += all(
+                (kind is _re.CATEGORY and value is _re.CATEGORY_DIGIT)
+                or (kind is _re.LITERAL and chr(value).isdecimal())
+                or (kind is _re.RANGE and all(chr(c).isdecimal() for c in range(value[0], value[1] + 1)))
+                for kind, value in av
+            )
+        elif op in (_re.MAX_REPEAT, _re.MIN_REPEAT, _re.POSSESSIVE_REPEAT):
+            total += av[0] * _fewest_digits(av[2])
+        elif op is _re.SUBPATTERN:
+            total += _fewest_digits(av[3])
+        elif op is _re.BRANCH:
+            total += min(_fewest_digits(branch) for branch in av[1])
+    return total
+
+
+def test_every_pattern_a_digit_count_skips_needs_that_many_digits() -> None:
+    assert _fewest_digits(_parser.parse(pii._CARD.pattern)) >= pii._CARD_MIN_DIGITS == 14
+    fewest = min(_fewest_digits(_parser.parse(rule.pattern.pattern)) for rule in pii._ID_RULES)
+    assert fewest == pii._ID_MIN_DIGITS == 7
+    assert _fewest_digits(_parser.parse(pii._IPV4.pattern)) == 4  # and three dots
+    # a phone candidate with fewer than _PHONE_MIN_DIGITS digits is dropped (_phone_windows)
+    assert pii._phone_windows("call 012 34 or (01) 234", []) == []
+
+
+# The patterns as first written, look-behind first: the module reads each number's first character
+# before the look-behind (faster), and must match exactly where these do.
+_BEFORE, _AFTER = r"(?<![\w.,/-])", r"(?![\w/-]|[.,]\d)"
+PLAIN_PATTERNS = [
+    _BEFORE + r"\d{3}([- ])\d{2}\1\d{4}" + _AFTER,
+    _BEFORE + r"\d{9}" + _AFTER,
+    _BEFORE + r"[12378]\s?\d{2}\s?(?:0[1-9]|1[0-2]|[2-9]\d)\s?(?:\d{2}|2[AB])\s?\d{3}\s?\d{3}\s?\d{2}" + _AFTER,
+    _BEFORE + r"[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]" + _AFTER,
+    _BEFORE + r"\d{8}-?[A-Z]" + _AFTER,
+    _BEFORE + r"[XYZ]-?\d{7}-?[A-Z]" + _AFTER,
+    _BEFORE + r"(?:19|20)?\d{6}[-+]\d{4}" + _AFTER,
+    _BEFORE + r"\d{2}\s?\d{3}\s?\d{3}\s?\d{3}" + _AFTER,
+    _BEFORE + r"\d{4}\.?\d{2}\.?\d{3}" + _AFTER,
+    _BEFORE + r"\d{11}" + _AFTER,
+    _BEFORE + r"\d{2}\.?\d{2}\.?\d{2}-?\d{3}\.?\d{2}" + _AFTER,
+    _BEFORE + r"\d(?:[ -]?\d){13,18}" + _AFTER,  # _CARD
+    r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)",  # _IPV4
+]
+
+
+def _numberish_texts(count: int) -> list[str]:
+    """Digits, capitals and separators around the shapes of ids, cards and addresses (seeded)."""
+    rnd = random.Random(20261203)
+
+    def digits(n: int) -> str:
+        return "".join(rnd.choice("0123456789") for _ in range(n))
+
+    shapes: list[Callable[[], str]] = [
+        lambda: digits(3) + rnd.choice("- ") + digits(2) + rnd.choice("- ") + digits(4),
+        lambda: (
+            "".join(rnd.choice("ABCRSTXYZ") for _ in range(6)) + digits(2) + "T" + digits(2) + "A" + digits(3) + "S"
+        ),
+        lambda: ".".join(digits(rnd.randint(1, 4)) for _ in range(rnd.choice([3, 4, 5]))),
+        lambda: rnd.choice(["19", "20", ""]) + digits(6) + rnd.choice("-+") + digits(4),
+        lambda: rnd.choice("XYZ") + rnd.choice(["", "-"]) + digits(7) + rnd.choice(["", "-"]) + "L",
+        lambda: " ".join(digits(rnd.randint(1, 5)) for _ in range(rnd.randint(1, 5))),
+        lambda: "".join(rnd.choice("0123456789012345ABX -.,/+_a\n\u0663") for _ in range(rnd.randint(1, 30))),
+    ]
+    around = ["", " ", "a", ".", ",", "-", "/", "_", "1", "\n", "(", "A"]
+    return [rnd.choice(around) + rnd.choice(shapes)() + rnd.choice(around) + rnd.choice(shapes)() for _ in range(count)]
+
+
+def test_each_number_pattern_matches_exactly_where_its_look_behind_first_form_does() -> None:
+    ours = [rule.pattern for rule in pii._ID_RULES] + [pii._CARD, pii._IPV4]
+    plain = [re.compile(p) for p in PLAIN_PATTERNS]
+    matched = [0] * len(ours)
+    for text in _numberish_texts(4000) + [t for t, _ in CORPUS]:
+        for i, (fast, slow) in enumerate(zip(ours, plain, strict=True)):
+            spans = [m.span() for m in slow.finditer(text)]
+            assert [m.span() for m in fast.finditer(text)] == spans, (slow.pattern, text)
+            matched[i] += len(spans)
+    assert all(matched), matched  # every pattern was exercised
+
+
+SHORTCUT_TEXTS = [
+    *(text for text, _ in CORPUS),
+    "Mail jane(at)example(dot)com or jane [at] example [dot] com.",
+    "Server at 192.168.1.10 and fe80::1, version 1.2.3.4, at 12:30.",
+    "No digits, no at-sign, no dots",
+    "Mug 12 cm (0.35 l): SKU 1234567, call 020 7946 0958, id 123-45-6789",
+]
+
+
+@pytest.mark.parametrize("text", SHORTCUT_TEXTS, ids=lambda v: v[:30])
+def test_a_pattern_is_skipped_only_where_it_cannot_match(text: str) -> None:
+    """find_pii skips a pattern when the text lacks what every match of it holds (digits, an "@",
+    "(" or "[", dots, colons); read in full over such a text, the pattern finds nothing either."""
+    digits = sum(c.isdecimal() for c in text)
+    if digits < pii._ID_MIN_DIGITS:
+        assert not any(rule.pattern.search(text) for rule in pii._ID_RULES)
+    if digits < pii._CARD_MIN_DIGITS:
+        assert not pii._CARD.search(text)
+    if not {"@", "(", "["} & set(text):
+        assert not pii._EMAIL.search(text)
+    if "." not in text:
+        assert not pii._IPV4.search(text)
+    if text.count(":") < 2:
+        assert not pii._IPV6.search(text)
+    if digits < pii._PHONE_MIN_DIGITS:
+        assert list(pii._phones(text, pii.PHONE_REGIONS, [])) == []
 
 
 # --- through the front door: API, CLI and batch share validate_request ------------------------------
