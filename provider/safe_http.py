@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import ipaddress
 import math
 import socket
@@ -294,9 +295,13 @@ def check_addresses(host: str, addresses: Sequence[IPAddress], policy: AddressPo
             )
 
 
+@functools.lru_cache(maxsize=4096)
 def check_url_form(url: str, policy: AddressPolicy) -> tuple[str, int, IPAddress | None]:
     """The checks that need no network: scheme, userinfo, odd characters, parser agreement, and
-    the host by name or literal address. Returns (host, port, literal address or None)."""
+    the host by name or literal address. Returns (host, port, literal address or None).
+    A pure function of its arguments, so the answers for URLs that pass are kept (a refusal is an
+    exception, never kept): the three parses cost ~60-110 µs of a ~1.6 ms submit, and a producer
+    sends the same few image URLs over and over."""
     if any(c in _BAD_CHARS for c in url):
         raise UnsafeURL("The URL contains spaces, backslashes or control characters.", reason="malformed")
     try:
