@@ -40,7 +40,8 @@ class StepContext:
     batch: bool = False  # overnight batch work (priority "batch"): the provider's batch price and mode
 
     def call(self, model: str | None) -> CallContext:
-        return CallContext(self.user_id, self.feature, self.pipeline_id, self.step_id, model, batch=self.batch)
+        ids = (self.user_id, self.feature, self.pipeline_id, self.step_id)
+        return CallContext(*ids, model, batch=self.batch, retried=self.attempt > 1)
 
     def candidates(self, step: str, listed: tuple[str, ...]) -> list[str]:
         """Models to try, in order: the one asked for, then the profile's list."""

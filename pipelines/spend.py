@@ -275,8 +275,12 @@ def reconcile(conn: Connection, records: Iterable[CallRecord]) -> None:
     When the same request (the same step and model: a step's messages are fixed) is answered, that
     answer's usage is the truth for the lost one too: the estimated rows take its tokens and cost,
     and the pipeline's cost and its caps' spent move by the difference (once: a second answer
-    changes nothing). Rows stay marked estimated: the provider never answered them."""
+    changes nothing). Rows stay marked estimated: the provider never answered them.
+    Only an answer marked ``retried`` (a step's later attempt, or a try after a lost one) can
+    have one to correct: a first try's answer costs no lookup."""
     for record in records:
+        if not record.ctx.retried:
+            continue
         if (
             record.operation != "chat"
             or record.error_code is not None

@@ -50,6 +50,9 @@ class CallContext:
     # The most this call can cost (set by the gateway from the catalog before the stages run): what
     # the budget stage checks against the pipeline's reservation.
     cost_bound_usd: Decimal | None = None
+    # The step ran before, or this call's earlier try lost its answer: there may be a chat booked
+    # as an estimate for ``spend.reconcile`` to correct. A first try of a first attempt has none.
+    retried: bool = False
 
 
 @dataclass
@@ -168,7 +171,11 @@ class Gateway:
             assert self._client is not None
             return self._client.chat(model, messages, max_tokens=max_tokens)
 
+        lost: list[CallRecord] = []
+
         def account(record: CallRecord, result: ChatResult) -> None:
+            if lost:  # an earlier try's answer was lost: this answer is its truth (spend.reconcile)
+                record.ctx = dataclasses.replace(record.ctx, retried=True)
             record.prompt_tokens = result.prompt_tokens
             record.completion_tokens = result.completion_tokens
             price = self.catalog.model(model, record.ts)  # the rates in effect when the call was made
@@ -181,6 +188,7 @@ class Gateway:
             record.cost_estimated = True
             price = self.catalog.model(model, record.ts)
             record.cost_usd = price.chat_cost(record.prompt_tokens, max_tokens, batch=ctx.batch)
+            lost.append(record)
 
         return self._with_retries(ctx, "chat", call, account, unknown)
 

@@ -24,6 +24,7 @@ from genline.config.constants import PipelineStatus
 from genline.config.errors import SpendCapExceeded, UserError
 from genline.config.settings import Settings, load_settings
 from genline.pipelines.api import Genline
+from genline.pipelines.engine import run_step
 from genline.pipelines.estimate import estimate_pipeline
 from genline.pipelines.runtime import Runtime
 from genline.pipelines.spend import micros
@@ -31,7 +32,7 @@ from genline.provider.simulator import SimulatorHandle
 from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, SpendCap, SpendHold
 from genline.workers.drain import drain
-from tests.support.drive import faults, sim_config, sim_stats
+from tests.support.drive import backoff_over, faults, next_nudge, sim_config, sim_stats
 from tests.support.refusal import refused
 
 DESCRIPTION = "Hand-thrown stoneware mug, speckled glaze, 350 ml."
@@ -386,3 +387,36 @@ def test_a_chat_whose_answer_was_lost_is_booked_as_estimated_then_reconciled_to_
     assert abs(booked - Decimal(str(sim_stats(sim)["billed_usd"]))) < Decimal("0.000002")
     (row,) = ledger(rt)
     assert row.reserved_micros == 0 and abs(row.spent_micros - micros(cost)) <= 3
+
+
+def test_a_lost_answer_of_an_earlier_attempt_is_reconciled_by_the_next_attempts_answer(
+    capped: Callable[..., Runtime], sim: SimulatorHandle, request_fields: Callable[..., dict[str, Any]]
+) -> None:
+    """One try per model and attempt: every copy model's answer is lost in attempt 1 (each booked
+    at its most, estimated), so the step is tried again; attempt 2's answer corrects the row of
+    the same model from attempt 1 (the same request), and only that one."""
+    rt = capped(
+        [{"scope": "global", "match": "*", "period": "day", "limit_usd": "5"}],
+        GENLINE_HTTP_TIMEOUT_S="0.5",
+        GENLINE_PROVIDER_MAX_ATTEMPTS="1",
+    )
+    sim_config(sim, timeout_hang_s=2.0)
+    models = len(rt.catalog.profiles["standard"].copy_models)
+    faults(sim, {"method": "POST", "path": "/v1/chat/completions", "status": "timeout", "times": models})
+    pipeline_id = submit(rt, request_fields(description=DESCRIPTION))
+    copy = next_nudge(rt)
+    first = run_step(rt, copy)
+    assert first is not None and (first.state, first.code) == ("retry", "provider_timeout")
+    backoff_over(rt, copy)
+    second = run_step(rt, copy)
+    assert second is not None and second.state == "succeeded"
+    with rt.db.transaction() as s:
+        chats = select(ProviderCall).where(ProviderCall.operation == "chat").order_by(ProviderCall.id)
+        *lost, answered = s.scalars(chats)
+        pipeline = s.get_one(Pipeline, pipeline_id)
+    assert len(lost) == models and all(c.cost_estimated and c.error_code == "provider_timeout" for c in lost)
+    same = [c for c in lost if c.model == answered.model]
+    assert [c.cost_usd for c in same] == [answered.cost_usd]  # corrected to the answer's cost
+    others = [c for c in lost if c.model != answered.model]
+    assert all(c.completion_tokens != answered.completion_tokens for c in others)  # left at their most
+    assert Decimal(str(pipeline.cost_usd)) == sum((Decimal(str(c.cost_usd)) for c in [*lost, answered]), Decimal(0))
