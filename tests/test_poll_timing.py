@@ -5,6 +5,7 @@ makes no request."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -14,10 +15,12 @@ from genline.config.settings import Settings
 from genline.pipelines.api import Genline
 from genline.pipelines.engine import run_step
 from genline.pipelines.runtime import Runtime
+from genline.provider.gateway import CallContext
 from genline.provider.simulator import SimulatorHandle
+from genline.provider.stages import RequestBudget
 from genline.storage.models import ProviderJob
-from genline.workers.poller import LEAD, Poller, first_poll_at, next_delay, plan_delay
-from tests.support.drive import run_until, sim_config, sim_stats
+from genline.workers.poller import LEAD, Claimed, NotYet, Poller, first_poll_at, next_delay, plan_delay
+from tests.support.drive import nudges, run_until, sim_config, sim_stats
 
 INTERVAL = 2.0
 
@@ -105,5 +108,72 @@ def test_with_the_fixed_schedule_the_first_poll_is_one_interval_after_the_submit
         polls_before = httpx.get(f"{sim.base_url}/_sim/stats").json()["polls_total"]
         assert _one_round(Poller(rt)) == 1
         assert httpx.get(f"{sim.base_url}/_sim/stats").json()["polls_total"] == polls_before + 1  # read
+    finally:
+        rt.close()
+
+
+def _claimed(job: str, *, polls: int, due_s: float, submitted_s: float, estimate: int) -> Claimed:
+    return Claimed(job, f"task-{job}", "video", f"st-{job}", CallContext(model="m"), 6.0, estimate, submitted_s,
+                   due_s, polls, float("inf"))  # fmt: skip
+
+
+def test_when_the_budget_runs_short_reads_that_find_finished_jobs_go_first(
+    sim: SimulatorHandle, make_settings: object
+) -> None:
+    """``expected``: a first read (it only learns how far a long render has got) is funded after
+    the reads of jobs that should just have finished, though it fell due earlier."""
+    rt = _runtime(sim, make_settings)
+    try:
+        now = time.time()
+        claimed = [
+            _claimed("progress", polls=0, due_s=now - 5, submitted_s=now - 40, estimate=50),  # finishes in ~10 s
+            _claimed("finish", polls=1, due_s=now - 1, submitted_s=now - 30, estimate=29),  # due at its finish
+            _claimed("late", polls=3, due_s=now - 3, submitted_s=now - 90, estimate=60),  # past its estimate
+        ]
+        order = Poller(rt).plan_reads(claimed, [None] * 3)  # type: ignore[list-item]
+        assert [claimed[i].job_id for i in order] == ["late", "finish", "progress"]
+        fixed = rt.settings.with_overrides(poll_schedule="fixed")
+        rt.settings = fixed
+        assert Poller(rt).plan_reads(claimed, [None] * 3) == [0, 1, 2]  # type: ignore[list-item]
+    finally:
+        rt.close()
+
+
+def test_a_round_keeps_drawing_as_the_budget_refills_instead_of_reading_only_the_first_tokens(
+    sim: SimulatorHandle, make_settings: object, request_fields: object
+) -> None:
+    """A budget of 100 a second with a burst of 10 leaves the poller 7 tokens at once; within one
+    round (``PACE_S``, 0.5 s) it draws again as tokens come, and reads more than those 7, but not
+    the 150 reads asked for: the rest wait, and the stretch is visible."""
+    rt = _runtime(sim, make_settings, GENLINE_POLL_SCHEDULE="fixed")
+    try:
+        rt.budget = RequestBudget(rt.shared, rate_per_s=100, burst=10, provider="paced")
+        poller = Poller(rt)
+        sim_config(sim, image_seconds=600)
+        api = Genline(runtime=rt)
+        for i in range(3):
+            api.submit(request_fields(description=f"Mug number {i}, speckled glaze."))  # type: ignore[operator]
+        while (step := nudges(rt).pop()) is not None:
+            run_step(rt, step)  # the copies, then the image submits (their jobs render for 10 min)
+        with rt.db.transaction() as s:
+            jobs = list(s.scalars(select(ProviderJob)))
+        now = time.time()
+        claimed = []
+        for n in range(150):  # reads of the same few jobs: only the reads are counted, nothing applied
+            job = jobs[n % len(jobs)]
+            c = _claimed(job.id, polls=1, due_s=now, submitted_s=now - 5, estimate=600)
+            c.task_id, c.step_id = job.task_id or "", job.step_id
+            claimed.append(c)
+
+        async def go() -> list[object]:
+            try:
+                return await poller.poll(claimed)  # type: ignore[return-value]
+            finally:
+                await poller.aclose()
+
+        answers = asyncio.run(go())
+        read = sum(1 for a in answers if not isinstance(a, NotYet))
+        assert 10 < read < len(claimed)  # more than one draw's worth, and no more than the budget gave
+        assert poller.stretched_since is not None  # the rest waited: the stretch is visible
     finally:
         rt.close()

@@ -17,8 +17,9 @@ transaction. The reads go through the gateway on ``provider.poll_client.make_tas
 
 Every read draws on the provider key's request budget (``provider.stages.RequestBudget``), as
 many tokens as it holds in one shared-state round trip, and again as it refills, for at most
-``PACE_S`` a round: the round's jobs are read earliest due first as far as the budget goes, and
-the rest keep their place in line for the next round, so when the budget
+``PACE_S`` a round: the round's jobs are read as far as the budget goes (earliest expected
+finish first, ``plan_reads``), and the rest keep their place in line for the next round, so when
+the budget
 cannot cover every poll due the cadence stretches evenly (logged as ``poll_cadence_stretched``,
 and held in the shared state under ``STRETCH_KEY`` for ``genline`` status readers). A 429 or a low
 ``x-ratelimit-remaining`` among a round's answers tightens the budget for every process.
