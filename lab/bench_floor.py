@@ -115,14 +115,15 @@ def pipeline_floor_rate(env: dict[str, str], n: int, processes: int, log_dir: An
                 stderr=log,
             )
         )
-    started, ended = [], []
+    started: list[float] = []
+    ended: list[float] = []
     for proc in procs:
         out, _ = proc.communicate(timeout=900)
         if proc.returncode != 0:
             raise RuntimeError(f"bench: a floor process exited {proc.returncode}; see {log_dir}/floor-*.log")
         times = json.loads(out.decode().strip().splitlines()[-1])
-        started.append(times["started_at"])
-        ended.append(times["ended_at"])
+        started.append(float(times["started_at"]))
+        ended.append(float(times["ended_at"]))
     return n / (max(ended) - min(started))
 
 

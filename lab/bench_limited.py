@@ -254,7 +254,7 @@ def measure_limited(
     step_task = {sid: made["task_ids"][i] for i, sid in enumerate(video_steps)}
     first_share: list[float] = []
     last_after_done: list[float] = []
-    samples = []
+    samples: list[dict[str, Any]] = []
     for step_id, times in reads:
         i = index[step_task[step_id]]
         if len(samples) < 12:
