@@ -372,9 +372,8 @@ def section_pipelines(
         # the floor: the same pipelines with no Celery, as many processes as the worker has
         from lab.bench_floor import pipeline_floor_rate
 
-        floor_per_s = pipeline_floor_rate(
-            _genline_env(var, db_url, broker, sim.base_url, key), n, CONCURRENCY, var / "logs"
-        )
+        env = _genline_env(var, db_url, broker, sim.base_url, key)
+        floor_per_s = pipeline_floor_rate(env, n, CONCURRENCY, var / "logs", start_in_s=6.0 if args.quick else 10.0)
         print(f"  ... with no Celery at all {floor_per_s:6.1f} pipelines/s ({CONCURRENCY} processes)", flush=True)
     figures.update(
         {
@@ -492,7 +491,7 @@ def section_limited(
         f"bench: a provider that allows {LIMIT_PER_S} requests/s per key: 2,000 video renders of 30-120 s in "
         "flight and new pipelines at 5/s (shipped defaults; GENLINE_PROVIDER_RATE_PER_S told the limit)"
         if not args.quick
-        else f"bench: a provider that allows {LIMIT_PER_S} requests/s per key (quick: 500 renders of 8-30 s)",
+        else f"bench: a provider that allows {LIMIT_PER_S} requests/s per key (quick: 300 renders of 5-18 s)",
         flush=True,
     )
     with database() as db_url:
@@ -542,7 +541,7 @@ def section_batch(
     from lab.bench_batch import run_batch_section
 
     print("bench: batch: interactive steps alone, beside a throttled batch, beside an unthrottled one", flush=True)
-    out = run_batch_section()
+    out = run_batch_section(quick=args.quick)
     figures["batch_interactive_step_p95_ratio"] = out["batch_interactive_step_p95_ratio"]
     figures["batch"] = out
     print(

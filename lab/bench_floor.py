@@ -97,11 +97,13 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
         rt.close()
 
 
-def pipeline_floor_rate(env: dict[str, str], n: int, processes: int, log_dir: Any) -> float:
+def pipeline_floor_rate(
+    env: dict[str, str], n: int, processes: int, log_dir: Any, *, start_in_s: float = 10.0
+) -> float:
     """Pipelines/s of ``n`` pipelines run by ``processes`` Celery-free processes at once (see the
-    module's notes)."""
+    module's notes), starting ``start_in_s`` after launch (after each one's imports and warm-up)."""
     run = f"floor{uuid.uuid4().hex[:6]}"
-    start_at = time.time() + 10.0  # after every process's imports and warm-up
+    start_at = time.time() + start_in_s
     share = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
     procs = []
     for index, count in enumerate(share):

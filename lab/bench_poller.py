@@ -452,7 +452,7 @@ def measure_poller(
 ) -> PollerFigures:
     key = "bench-" + uuid.uuid4().hex
     # steps below a tenth of the target say nothing of it; a miss is bisected once (not quick)
-    sizes = [250, 2500, 10000] if quick else [1000, 5000, 10000, 15000, 20000]
+    sizes = [2500, 10000] if quick else [1000, 5000, 10000, 15000, 20000]
     window_s = 6.0 if quick else 12.0
     finishers = 10 if quick else 24
     saturate_n = 30000  # N/2 due a second: more than the poller does (see above)
