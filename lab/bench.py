@@ -344,7 +344,7 @@ def section_pipelines(
         print(f"  bare_celery_chain_per_s  {before_per_s:8.1f}   {_cpu_line(chain_cpu, n, 'chain')}", flush=True)
         redis.Redis.from_url(broker).flushdb()
         # the same chains on genline's Redis transport (workers/broker.py), for the same-transport
-        # ratio; a quick run leaves it out (it keeps a quick run under two minutes)
+        # ratio; a quick run leaves it out (it keeps a quick run short)
         same_per_s: float | None = None
         if not args.quick:
             same_per_s, _ = bare_chains(n, broker, var / "logs", transport=REDIS_TRANSPORT)
@@ -624,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="genline-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="A short run for local use (under 2 minutes).")
+    parser.add_argument(
+        "--quick", action="store_true", help="A short run for local use (about 3.5 minutes on two cores; the aim is 2)."
+    )
     parser.add_argument("--pipelines", type=int, default=None, help="Pipelines (and bare chains) per measurement.")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"Sections to run, of {', '.join(SECTIONS)}.")
     parser.add_argument("--profile", action="store_true", help="Also profile with py-spy (var/bench/profiles/).")
