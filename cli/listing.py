@@ -194,69 +194,47 @@ def _bulk(
         sys.exit(EXIT_ERROR)
 
 
-@click.command("cancel-many")
-@_filter_options
-@LIMIT_OPT
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--dry-run", is_flag=True, help="Only show which pipelines would be cancelled.")
-@JSON_OPT
-def cancel_many(
-    user_id: str | None,
-    feature: str | None,
-    statuses: tuple[str, ...],
-    since: str | None,
-    until: str | None,
-    limit: int,
-    yes: bool,
-    dry_run: bool,
-    as_json: bool,
-) -> None:
-    """Cancel every pending or running pipeline the filter picks, after asking."""
-    try:
-        where = build_filter(user_id, feature, statuses, since, until)
-    except GenlineError as err:
-        fail(err, as_json=as_json)
-    _bulk(
-        "cancel",
-        ("pending", "running"),
-        where,
-        limit=limit,
-        yes=yes,
-        dry_run=dry_run,
-        as_json=as_json,
-        act=lambda api, pid: api.cancel(pid),
-    )
+def _bulk_command(verb: str, done: str, allowed: tuple[str, ...], doc: str, act: Any) -> click.Command:
+    """``<verb>-many`` (cancel, retry): the list's filter, a confirmation, then ``act`` on each
+    pipeline the filter picks among those whose status is in ``allowed``."""
+
+    @click.command(f"{verb}-many", help=doc)
+    @_filter_options
+    @LIMIT_OPT
+    @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+    @click.option("--dry-run", is_flag=True, help=f"Only show which pipelines would be {done}.")
+    @JSON_OPT
+    def command(
+        user_id: str | None,
+        feature: str | None,
+        statuses: tuple[str, ...],
+        since: str | None,
+        until: str | None,
+        limit: int,
+        yes: bool,
+        dry_run: bool,
+        as_json: bool,
+    ) -> None:
+        try:
+            where = build_filter(user_id, feature, statuses, since, until)
+        except GenlineError as err:
+            fail(err, as_json=as_json)
+        _bulk(verb, allowed, where, limit=limit, yes=yes, dry_run=dry_run, as_json=as_json, act=act)
+
+    return command
 
 
-@click.command("retry-many")
-@_filter_options
-@LIMIT_OPT
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--dry-run", is_flag=True, help="Only show which pipelines would be retried.")
-@JSON_OPT
-def retry_many(
-    user_id: str | None,
-    feature: str | None,
-    statuses: tuple[str, ...],
-    since: str | None,
-    until: str | None,
-    limit: int,
-    yes: bool,
-    dry_run: bool,
-    as_json: bool,
-) -> None:
-    """Retry every failed pipeline the filter picks from its failed step, after asking."""
-    try:
-        where = build_filter(user_id, feature, statuses, since, until)
-    except GenlineError as err:
-        fail(err, as_json=as_json)
-    _bulk(
-        "retry",
-        ("failed",),
-        where,
-        limit=limit,
-        yes=yes,
-        dry_run=dry_run,
-        as_json=as_json,
-        act=lambda api, pid: api.retry(pid),
-    )
+cancel_many = _bulk_command(
+    "cancel",
+    "cancelled",
+    ("pending", "running"),
+    "Cancel every pending or running pipeline the filter picks, after asking.",
+    lambda api, pid: api.cancel(pid),
+)
+retry_many = _bulk_command(
+    "retry",
+    "retried",
+    ("failed",),
+    "Retry every failed pipeline the filter picks from its failed step, after asking.",
+    lambda api, pid: api.retry(pid),
+)

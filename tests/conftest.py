@@ -23,6 +23,7 @@ from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimConfig, SimulatorHandle, start_simulator
 from genline.storage.migrate import upgrade
 from tests.support.redis_server import OwnRedis
+from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
 TEST_KEY = "test-key-" + uuid.uuid4().hex  # made up per run: never a real key
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -225,3 +226,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("the machine's shared Redis", red=True)
         for host, port, *_ in _GUARD["attempts"]:
             terminalreporter.line(f"a test tried to connect to {host}:{port}; the run fails", red=True)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server for the module that asks (no bucket made), with dummy AWS credentials in
+    the environment while it runs (the machine's own credentials unset)."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in DUMMY_AWS_ENV.items():
+            env.setenv(name, value)
+        for name in UNSET_AWS_ENV:
+            env.delenv(name, raising=False)
+        with MotoServer() as server:
+            yield server.endpoint_url

@@ -48,7 +48,6 @@ from genline.workers.sweeper import sweep
 from tests.conftest import TEST_KEY
 from tests.support.clock import ManualClock
 from tests.support.drive import faults
-from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
 pytestmark = pytest.mark.timeout(120)
 RequestFn = Callable[..., dict[str, Any]]
@@ -98,18 +97,6 @@ def test_local_store_returns_the_sha256_of_what_it_holds_when_nobody_interferes(
     info = store.put_stream("a/v.mp4", [b"frames"], content_type="video/mp4", expected_size=6)
     held = store.head("a/v.mp4")
     assert held is not None and info.sha256 == held.sha256 == hashlib.sha256(b"frames").hexdigest()
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """One moto server for this module, with dummy AWS credentials in the environment."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in DUMMY_AWS_ENV.items():
-            env.setenv(name, value)
-        for name in UNSET_AWS_ENV:
-            env.delenv(name, raising=False)
-        with MotoServer() as server:
-            yield server.endpoint_url
 
 
 MiB = 1024 * 1024

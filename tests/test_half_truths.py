@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from tests.conftest import TEST_KEY, require_service
 from tests.support.cli import ERROR_LINE, GenlineCli, count_rows, no_stray_settings, one_error_line, restore_logging  # noqa: F401  # autouse fixtures
 from tests.support.drive import faults, next_nudge, nudges, sim_config, step_row
 from tests.support.redis_server import OwnRedis
-from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
+from tests.support.s3_server import DUMMY_AWS_ENV, free_port
 from tests.test_cli_exits import runtime_of, submit_args, user_env
 
 RequestFn = Callable[..., dict[str, Any]]
@@ -241,18 +241,6 @@ def test_the_python_api_raises_config_error_for_an_unreachable_redis(genline: Ge
 
 
 # --- wrong settings: the bucket ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server for this module (no bucket made), with dummy AWS credentials."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in DUMMY_AWS_ENV.items():
-            env.setenv(name, value)
-        for name in UNSET_AWS_ENV:
-            env.delenv(name, raising=False)
-        with MotoServer() as server:
-            yield server.endpoint_url
-
-
 @pytest.fixture
 def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name, value in DUMMY_AWS_ENV.items():

@@ -22,7 +22,7 @@ from genline.storage.factory import open_store
 from genline.storage.local import LocalObjectStore
 from genline.storage.objects import ObjectStore
 from genline.storage.s3 import S3ObjectStore, make_s3_client
-from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer, free_port
+from tests.support.s3_server import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,18 +54,6 @@ def failing_after(total: int) -> Iterator[bytes]:
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """One moto server for this module, with dummy AWS credentials in the environment."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in DUMMY_AWS_ENV.items():
-            env.setenv(name, value)
-        for name in UNSET_AWS_ENV:
-            env.delenv(name, raising=False)
-        with MotoServer() as server:
-            yield server.endpoint_url
-
-
 @pytest.fixture(scope="module")
 def s3_client(moto_endpoint: str) -> Any:
     return make_s3_client(endpoint_url=moto_endpoint)
