@@ -227,8 +227,10 @@ def test_a_copy_that_keeps_failing_waits_its_own_backoff_and_never_takes_the_tur
     rt: Runtime, request_fields: RequestFn
 ) -> None:
     # The drain must end within the poisoned copy's first backoff: a request budget that held
-    # the fifty downloads (or the polls before them) back would let it come due again.
+    # the fifty downloads (or the polls before them) back would let it come due again. A first
+    # backoff of a minute (1-2 s as shipped) keeps a loaded machine's slow drain from doing the same.
     rt.budget = RequestBudget.for_limit(rt.shared, 1_000_000)
+    rt.settings = rt.settings.with_overrides(step_retry_backoff_s=60.0)
     store_steps = _fifty_one_copies_waiting(rt, request_fields)
     poisoned = store_steps[0]
     _poison(rt, poisoned, "http://127.0.0.1:9/video.mp4")  # nothing listens: refused, every time
