@@ -36,7 +36,7 @@ from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Exists, Table, bindparam, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from genline.config.catalog import Cap, Catalog
@@ -226,9 +226,29 @@ def announce(alerts: Iterable[str]) -> None:
         observe_cap_alert(scope, period, int(pct))  # genline_spend_cap_alerts_total (provider/metrics.py)
 
 
+_ACCRUE = (
+    update(PIPELINES)
+    .where(PIPELINES.c.id == bindparam("b_id"))
+    .values(cost_usd=PIPELINES.c.cost_usd + bindparam("b_cost"), updated_at=bindparam("b_now"))
+)
+
+
+def holds_any(pipeline_param: str) -> Exists:
+    """Whether the pipeline bound to ``pipeline_param`` holds anything on a cap, for a RETURNING
+    clause: its holds are written in the transaction that creates it (a submit) or that locks
+    its row while it is failed and nothing of it is in flight (a retry), so an UPDATE of that
+    row's snapshot sees every hold the pipeline has when a call of it is booked or it ends."""
+    return exists().where(HOLDS.c.pipeline_id == bindparam(pipeline_param))
+
+
+_ACCRUE_PG = _ACCRUE.returning(holds_any("b_id"))
+
+
 def accrue(conn: Connection, records: Iterable[CallRecord]) -> None:
     """Book the records' costs: each pipeline's ``cost_usd`` grows, and what it holds moves from
-    reserved to spent on every cap row it holds (in the audit writer's transaction)."""
+    reserved to spent on every cap row it holds (in the audit writer's transaction). On
+    PostgreSQL the pipeline's UPDATE also says whether it holds anything, so a pipeline no cap
+    applies to costs one statement here, not two."""
     costs: dict[str, Decimal] = defaultdict(Decimal)
     for record in records:
         if record.cost_usd and record.ctx.pipeline_id:
@@ -237,15 +257,17 @@ def accrue(conn: Connection, records: Iterable[CallRecord]) -> None:
     if not costs:
         return
     now = utcnow()
+    postgres = conn.dialect.name == "postgresql"
     for pipeline_id in sorted(costs):
         cost = costs[pipeline_id]
-        conn.execute(
-            update(PIPELINES)
-            .where(PIPELINES.c.id == pipeline_id)
-            .values(cost_usd=PIPELINES.c.cost_usd + cost, updated_at=now)
-        )
+        params = {"b_id": pipeline_id, "b_cost": cost, "b_now": now}
+        if postgres:  # with the pipeline's row, whether it holds anything: most hold nothing (no cap applies)
+            if not conn.execute(_ACCRUE_PG, params).scalar():
+                continue
+        else:
+            conn.execute(_ACCRUE, params)
         held = select(HOLDS).where(HOLDS.c.pipeline_id == pipeline_id).order_by(HOLDS.c.cap_id)
-        if conn.dialect.name == "postgresql":
+        if postgres:
             held = held.with_for_update()
         rows = conn.execute(held).all()
         spent = micros(cost, ROUND_HALF_EVEN)
