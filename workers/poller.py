@@ -895,6 +895,12 @@ class Poller:
                         writing = asyncio.create_task(
                             asyncio.to_thread(self._apply_and_move_on, claimed, answers, records)
                         )
+                        if ahead is None and count <= self.settings.poller_concurrency:
+                            # A round no larger than one wave of reads: nothing is gained by
+                            # claiming the next while this one is written, and the write (the
+                            # next steps' nudges) would share the CPU with that claim.
+                            await writing
+                            writing = None
                     if time.monotonic() - last_sweep > sweep_every_s:
                         last_sweep = time.monotonic()
                         await asyncio.to_thread(sweep, self.rt)
