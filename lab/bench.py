@@ -570,7 +570,7 @@ def section_copy(
 ) -> None:
     from lab.bench_copy import measure_copy
 
-    size = "256 MiB" if args.quick else "1 GiB"
+    size = "128 MiB" if args.quick else "1 GiB"
     print(f"bench: copying a {size} result into S3 (moto) against plain boto3 upload_file", flush=True)
     out = measure_copy(var, quick=args.quick)
     figures["copy_rss_mib_per_gib"] = round(out["copy_rss_mib_per_gib"], 1)

@@ -166,7 +166,15 @@ def interactive_steps(rt: Any, pattern: str) -> dict[str, Any]:
 
 
 def _phase(
-    name: str, *, batch: int, max_running: int | None, broker: str, sim_url: str, key: str, var: Path
+    name: str,
+    *,
+    batch: int,
+    interactive: int,
+    max_running: int | None,
+    broker: str,
+    sim_url: str,
+    key: str,
+    var: Path,
 ) -> dict[str, Any]:
     from genline.config.settings import load_settings
     from genline.pipelines.api import Genline
@@ -188,14 +196,14 @@ def _phase(
             with _sampling(rt) as seen:
                 if batch:  # the batch is under way before the interactive work comes
                     _wait(lambda: bool(seen) and max(seen) > 0, 60, "the batch to start", group.check)
-                for i in range(INTERACTIVE):  # one at a time: the figure is waiting for a worker, not a backlog
+                for i in range(interactive):  # one at a time: the figure is waiting for a worker, not a backlog
                     api.submit(_request(run, i, "interactive"))
                     _wait(
                         partial(_ended_over, rt, f"{run}-interactive-%", i), 120, "an interactive pipeline", group.check
                     )
             batch_ended = _ended(rt, f"{run}-batch-%")
             figures = interactive_steps(rt, f"{run}-interactive-%")
-            failed = INTERACTIVE * 4 - figures["steps"]
+            failed = interactive * 4 - figures["steps"]
             if failed:
                 raise RuntimeError(f"bench_batch: {failed // 4} interactive pipeline(s) did not succeed ({name})")
             figures.update(
@@ -214,8 +222,10 @@ def _ratio(a: float, b: float) -> float:
 def run_batch_section(*, quick: bool = False) -> dict[str, Any]:
     """The figures (see the module's docstring). Raises if a phase fails (an interactive pipeline
     that does not succeed, a process that dies): the lead's ``make bench`` reports it as an error.
-    ``quick``: half the batch, and no unthrottled phase (its ratio is reported, not a target)."""
+    ``quick``: half the batch and of the interactive pipelines, and no unthrottled phase (its
+    ratio is reported, not a target)."""
     batch_n = BATCH // 2 if quick else BATCH
+    interactive = INTERACTIVE // 2 if quick else INTERACTIVE
     from tests.support.redis_server import OwnRedis
 
     key = "bench-" + uuid.uuid4().hex
@@ -230,6 +240,7 @@ def run_batch_section(*, quick: bool = False) -> dict[str, Any]:
                 phases[name] = _phase(
                     name,
                     batch=batch,
+                    interactive=interactive,
                     max_running=max_running,
                     broker=redis_server.url_for(0),
                     sim_url=sim.base_url,
@@ -246,7 +257,7 @@ def run_batch_section(*, quick: bool = False) -> dict[str, Any]:
         "batch_running_max": loaded["batch_running_max"],
         "phases": phases,
         "setup": {
-            "interactive_pipelines": INTERACTIVE,
+            "interactive_pipelines": interactive,
             "batch_pipelines": batch_n,
             "worker_concurrency": WORKER_CONCURRENCY,
             "sim_latency_s": SIM_LATENCY_S,

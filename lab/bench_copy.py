@@ -1,7 +1,7 @@
 """Copying a large result into S3-compatible storage: memory and speed (``copy_rss_mib_per_gib``,
 ``copy_vs_raw_boto3``).
 
-The simulator (own process) serves a 1 GiB video (256 MiB with --quick); moto's S3 server (own
+The simulator (own process) serves a 1 GiB video (128 MiB with --quick); moto's S3 server (own
 process) stores it. Each side of the comparison runs in a fresh child process, so its memory is
 its own:
 
@@ -128,7 +128,7 @@ def _combine(results: list[dict[str, Any]]) -> dict[str, Any]:
 def measure_copy(var: Path, *, quick: bool, log: Any = print) -> dict[str, Any]:
     from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
-    size = (256 * MiB) if quick else GiB
+    size = (128 * MiB) if quick else GiB
     env = {k: v for k, v in os.environ.items() if k not in UNSET_AWS_ENV}
     env.update(DUMMY_AWS_ENV)
     key = "bench-" + uuid.uuid4().hex
