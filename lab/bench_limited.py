@@ -48,7 +48,7 @@ def sim_config(quick: bool) -> dict[str, Any]:
     from genline.config.catalog import load_catalog
 
     catalog = load_catalog(None)
-    scale = 0.15 if quick else 1.0  # a quick run: renders of 5-18 s
+    scale = 0.1 if quick else 1.0  # a quick run: renders of 3-12 s
     renders = {
         name: (IMAGE_NOMINAL_S if model.kind == "image" else VIDEO_NOMINAL_S) * scale
         for name, model in catalog.models.items()
@@ -157,8 +157,9 @@ def measure_limited(
     from lab.bench_sim import SimProcess
 
     jobs = 300 if quick else 2000
-    baseline_n = 50 if quick else 150  # a p95 of 50 samples moved between 0.028 and 0.061 s run to run
-    load_n = 50 if quick else 300
+    # a p95 of 50 samples moved between 0.028 and 0.061 s run to run: a quick run's ratio is a rough one
+    baseline_n = 30 if quick else 150
+    load_n = 30 if quick else 300
     key = "bench-" + uuid.uuid4().hex
     with SimProcess(sim_config(quick), api_key=key, log_path=var / "logs" / "limited-simulator.log") as sim:
         env = genline_env(var, db_url, broker, sim.base_url, key)
