@@ -1,8 +1,9 @@
 """``make bench``: genline's figures, each a ratio or a count measured in the same run.
 
 Figures are ratios against baselines measured in the same process and minute, or counts, because
-this machine's speed drifts; nothing here asserts a time. Every server runs on loopback: Redis
-(database 14, flushed), a PostgreSQL database of its own per section (created, then dropped), the
+this machine's speed drifts; nothing here asserts a time. Every server runs on loopback: a Redis
+server of the run's own (``redis-server`` on a free port; the machine's shared Redis is never
+touched), a PostgreSQL database of its own per section (created, then dropped), the
 provider simulator in its own process, moto's S3 server in its own process.
 
 Sections (each writes its keys; a section that fails is reported under ``errors`` and the rest go on):
@@ -66,6 +67,7 @@ from sqlalchemy import func, select, text
 from genline.workers.broker import REDIS_TRANSPORT
 from genline.workers.processes import ProcessGroup
 from lab.chaos_faults import fresh_database
+from tests.support.redis_server import OwnRedis
 
 REDIS_DB = 14
 CONCURRENCY = 2
@@ -614,8 +616,8 @@ LOCK_PATH = Path(tempfile.gettempdir()) / "genline-bench.lock"
 
 
 def one_run_at_a_time() -> Any:
-    """An exclusive lock for this machine's bench runs (every checkout shares one Redis database
-    and the CPUs); the open file is the lock, released when the process ends."""
+    """An exclusive lock for this machine's bench runs (every checkout shares the CPUs, and two
+    runs at once would measure each other); the open file is the lock, released when the process ends."""
     handle = LOCK_PATH.open("a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -655,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = one_run_at_a_time()
     if lock is None:
         print(
-            f"bench: another bench run holds {LOCK_PATH}; two at once would share Redis database "
-            f"{REDIS_DB} and consume each other's messages, and slow each other down. Wait for it to end.",
+            f"bench: another bench run holds {LOCK_PATH}; two at once would share the CPUs and "
+            "measure each other. Wait for it to end.",
             file=sys.stderr,
         )
         return 2
@@ -665,11 +667,13 @@ def main(argv: list[str] | None = None) -> int:
     var = (out_dir / f"run-{uuid.uuid4().hex[:8]}").resolve()
     (var / "logs").mkdir(parents=True, exist_ok=True)
     profile_dir = (out_dir / "profiles").resolve() if args.profile else None
-    broker = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    # a Redis server of the run's own: the sections flush it between them, and the machine's
+    # shared Redis is never touched
+    own_redis = OwnRedis(log_dir=var / "logs").start()
+    broker = own_redis.url_for(REDIS_DB)
     figures: dict[str, Any] = {}
     errors: dict[str, str] = {}
     timings: dict[str, float] = {}
-    redis.Redis.from_url(broker).flushdb()
     try:
         for name in chosen:
             started = time.perf_counter()
@@ -681,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                 (var / "logs" / f"{name}-error.txt").write_text(traceback.format_exc())
             timings[name] = round(time.perf_counter() - started, 1)
     finally:
-        redis.Redis.from_url(broker).flushdb()
+        own_redis.close()
     figures.update(
         {
             "met": verdicts(figures),
