@@ -226,6 +226,10 @@ class Sorted:
         }
 
 
+# A round of at most this many jobs is written before the next claim (``Poller.run``).
+QUIET_ROUND = 4
+
+
 def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> float:
     """Seconds to the next poll: the cadence, stretched early in a long render (the provider's
     estimate says nothing is coming yet) and when a job runs far past its estimate."""
@@ -895,10 +899,13 @@ class Poller:
                         writing = asyncio.create_task(
                             asyncio.to_thread(self._apply_and_move_on, claimed, answers, records)
                         )
-                        if ahead is None and count <= self.settings.poller_concurrency:
-                            # A round no larger than one wave of reads: nothing is gained by
-                            # claiming the next while this one is written, and the write (the
-                            # next steps' nudges) would share the CPU with that claim.
+                        if count <= QUIET_ROUND:
+                            # Next to nothing is due: nothing is gained by claiming the next round
+                            # while this one is written, and the write (the next steps' nudges)
+                            # would share the CPU with that claim. A larger round is written while
+                            # the next is claimed and read: under a request budget, waiting for the
+                            # write left the budget unspent (a limited section's detect lag p99 went
+                            # from 1.9 to 2.5 and 5.8 s with every round up to 128 jobs waited for).
                             await writing
                             writing = None
                     if time.monotonic() - last_sweep > sweep_every_s:
