@@ -5,6 +5,7 @@ need no database: tests/test_poll_reader.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimulatorHandle
 from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
-from genline.workers.poller import Poller
+from genline.workers.poller import QUIET_ROUND, Poller
 from lab.bench_http import create_tasks
 from tests.conftest import TEST_KEY
 
@@ -336,6 +337,52 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
         assert claims_during_reads >= 3
     else:  # on time: each round is claimed when the last one's reads are done, so none is held back
         assert claims_during_reads == 0
+
+
+@pytest.mark.parametrize(("jobs", "quiet"), [(QUIET_ROUND, True), (QUIET_ROUND * 3, False)])
+def test_a_quiet_round_is_written_before_the_next_claim_and_a_busier_one_while_it(
+    pg_rt: Runtime, sim: SimulatorHandle, jobs: int, quiet: bool
+) -> None:
+    rt = pg_rt
+    job_ids = _seed(rt, _submit(rt, sim, jobs, seconds=LONG_S, prefix="quiet"), prefix="quiet")
+    poller = Poller(rt)
+    writing = False
+    claims_during_writes = 0
+    claim, write = poller.claim, poller._apply_and_move_on
+
+    def watched_claim(limit: int | None = None) -> list[Any]:
+        nonlocal claims_during_writes
+        claims_during_writes += writing
+        return claim(limit)
+
+    def watched_write(*args: Any) -> None:
+        nonlocal writing
+        writing = True
+        try:
+            time.sleep(0.2)  # a slow database: a claim taken meanwhile has time to start
+            write(*args)
+        finally:
+            writing = False
+
+    poller.claim = watched_claim  # type: ignore[method-assign]
+    poller._apply_and_move_on = watched_write  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(poller.run(stop, sweep_every_s=3600))
+        for _ in range(100):  # well inside the 2 s cadence: each job is due once in this test
+            await asyncio.sleep(0.05)
+            if all(j.polls for j in (await asyncio.to_thread(_jobs, rt)).values()):
+                break
+        stop.set()
+        await running
+
+    asyncio.run(scenario())
+    assert {j: r.polls for j, r in _jobs(rt).items() if j in job_ids} == {j: 1 for j in job_ids}
+    if quiet:  # next to nothing due: the answers (and the next steps' nudges) go first
+        assert claims_during_writes == 0
+    else:  # a larger round is written while the next is claimed
+        assert claims_during_writes >= 1
 
 
 def test_a_poller_that_stops_behind_schedule_gives_back_the_round_it_claimed_ahead(
