@@ -466,7 +466,7 @@ def section_poller(
         {
             "poller_inflight_capacity": result.capacity,
             "poller_detect_lag_p99_s": None if result.detect_lag_p99_s is None else round(result.detect_lag_p99_s, 3),
-            "poller_vs_raw_http": round(result.max_polls_per_s / raw_best, 3),
+            "poller_vs_raw_http": round(result.max_polls_per_s / raw_best, 3) if result.raw else None,
             "poller": {
                 "max_polls_per_s": round(result.max_polls_per_s, 1),
                 "saturated_cpu_us_per_poll": result.saturated_cpu_us_per_poll,
