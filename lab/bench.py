@@ -36,6 +36,12 @@ provider's limit is the account's to set); the poller section polls at the fixed
 ``pipeline_vs_no_celery_floor`` = ``pipelines_per_s`` ÷ ``no_celery_pipelines_per_s``.
 - copy (``copy_rss_mib_per_gib``, ``copy_vs_raw_boto3``): see ``lab/bench_copy.py``.
 
+``--quick`` (``make bench QUICK=1``; under 2 minutes on two cores, a full run under 10): the same
+sections at smaller sizes (60 pipelines and chains, 400 submits, the poller at its 10,000-job
+target only, with no saturation step or raw yardstick unless profiling, 300 renders of 3-12 s and
+streams of 30 in the limited section, 128 MiB copied, 30 money pipelines) and no batch section.
+Its ratios are rougher than a full run's; the README's figures come from full runs.
+
 ``--profile`` also samples the poller, the worker's steps and submit with py-spy and writes the
 summaries to ``var/bench/profiles/`` (and into the JSON under ``profiles``); profiling runs are
 the same runs, so figures of a profiled run are a little lower.
