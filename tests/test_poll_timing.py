@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
 from sqlalchemy import select, update
 
+import genline.workers.poller as poller_module
+from genline.config.clock import utcnow
 from genline.config.settings import Settings
 from genline.pipelines.api import Genline
 from genline.pipelines.engine import run_step
@@ -19,7 +22,7 @@ from genline.provider.gateway import CallContext
 from genline.provider.simulator import SimulatorHandle
 from genline.provider.stages import RequestBudget
 from genline.storage.models import ProviderJob
-from genline.workers.poller import LEAD, Claimed, NotYet, Poller, first_poll_at, next_delay, plan_delay
+from genline.workers.poller import EARLY_S, LEAD, Claimed, NotYet, Poller, first_poll_at, next_delay, plan_delay
 from tests.support.drive import nudges, run_until, sim_config, sim_stats
 
 INTERVAL = 2.0
@@ -108,6 +111,28 @@ def test_with_the_fixed_schedule_the_first_poll_is_one_interval_after_the_submit
         polls_before = httpx.get(f"{sim.base_url}/_sim/stats").json()["polls_total"]
         assert _one_round(Poller(rt)) == 1
         assert httpx.get(f"{sim.base_url}/_sim/stats").json()["polls_total"] == polls_before + 1  # read
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize(("due_in_s", "claimed"), [(EARLY_S * 0.75, True), (EARLY_S * 2, False)])
+def test_a_job_is_claimed_just_before_it_is_due_so_its_read_goes_out_on_time(
+    sim: SimulatorHandle,
+    make_settings: object,
+    request_fields: object,
+    monkeypatch: pytest.MonkeyPatch,
+    due_in_s: float,
+    claimed: bool,
+) -> None:
+    rt = _runtime(sim, make_settings, GENLINE_POLL_INTERVAL_S="1", GENLINE_POLL_SCHEDULE="fixed")
+    try:
+        Genline(runtime=rt).submit(request_fields())  # type: ignore[operator]
+        run_step(rt, run_until(rt, "image"))
+        now = utcnow()
+        with rt.db.transaction() as s:
+            s.execute(update(ProviderJob).values(next_poll_at=now + timedelta(seconds=due_in_s)))
+        monkeypatch.setattr(poller_module, "utcnow", lambda: now)  # the claim happens at ``now``
+        assert len(Poller(rt).claim()) == (1 if claimed else 0)
     finally:
         rt.close()
 

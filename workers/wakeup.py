@@ -58,12 +58,13 @@ class Doorbell:
                 log.warning("poller_doorbell_lost", error=type(exc).__name__, retry_in_s=RECONNECT_S)
                 await asyncio.sleep(RECONNECT_S)
 
-    async def wait(self, stop: asyncio.Event, timeout_s: float) -> None:
-        """Sleep until the timeout, the earliest due time rung (before or during the nap) or the
-        stop signal, whichever comes first. Rings during the nap for later jobs do not wake it."""
+    async def wait(self, stop: asyncio.Event, timeout_s: float, *, early_s: float = 0.0) -> None:
+        """Sleep until the timeout, ``early_s`` before the earliest due time rung (before or during
+        the nap) or the stop signal, whichever comes first. Rings during the nap for later jobs do
+        not wake it."""
         deadline = time.time() + timeout_s
         while not stop.is_set():
-            remaining = min(deadline, self.due) - time.time()
+            remaining = min(deadline, self.due - early_s) - time.time()
             if remaining <= 0:
                 break
             self.rung.clear()
