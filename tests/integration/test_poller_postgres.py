@@ -287,6 +287,35 @@ def test_the_running_poller_on_postgres_sees_jobs_through_to_their_end(pg_rt: Ru
     assert all(j.lease_until is None for j in jobs.values())
 
 
+def _claims_while(poller: Poller, busy: Callable[[], bool]) -> list[int]:
+    """Count the poller's claims taken while ``busy()`` (the returned list's one item)."""
+    counted = [0]
+    claim = poller.claim
+
+    def watched(limit: int | None = None) -> list[Any]:
+        counted[0] += busy()
+        return claim(limit)
+
+    poller.claim = watched  # type: ignore[method-assign]
+    return counted
+
+
+def _run_until_each_job_is_read(rt: Runtime, poller: Poller) -> None:
+    """Run the poller until every job has been read (well inside the 2 s cadence: each is due once)."""
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(poller.run(stop, sweep_every_s=3600))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if all(j.polls for j in (await asyncio.to_thread(_jobs, rt)).values()):
+                break
+        stop.set()
+        await running
+
+    asyncio.run(scenario())
+
+
 # on time: 3 rounds of ~0.06 s, so the last claim's earliest job is well under the 0.5 s mark
 @pytest.mark.parametrize(("due_ago_s", "jobs", "behind"), [(1.0, 30, True), (0.0, 12, False)])
 def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no_job_is_read_twice(
@@ -297,46 +326,29 @@ def test_behind_schedule_the_next_round_is_claimed_while_this_one_is_read_and_no
     tasks = _submit(rt, sim, jobs, seconds=LONG_S, prefix="ahead")
     job_ids = _seed(rt, tasks, prefix="ahead", due_ago_s=due_ago_s)
     poller = Poller(rt)
-    reading = False
-    claims_during_reads = 0
-    claim, poll = poller.claim, poller.poll
-
-    def watched_claim(limit: int | None = None) -> list[Any]:
-        nonlocal claims_during_reads
-        claims_during_reads += reading
-        return claim(limit)
+    reading = [False]
+    claims_during_reads = _claims_while(poller, lambda: reading[0])
+    poll = poller.poll
 
     async def watched_poll(claimed: list[Any]) -> list[Any]:
-        nonlocal reading
-        reading = True
+        reading[0] = True
         try:
             await asyncio.sleep(0.05)  # a slow provider: the claim taken ahead has time to land
             return await poll(claimed)
         finally:
-            reading = False
+            reading[0] = False
 
-    poller.claim = watched_claim  # type: ignore[method-assign]
     poller.poll = watched_poll  # type: ignore[method-assign]
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        running = asyncio.create_task(poller.run(stop, sweep_every_s=3600))
-        for _ in range(100):  # well inside the 2 s cadence: each job is due once in this test
-            await asyncio.sleep(0.05)
-            if all(j.polls for j in (await asyncio.to_thread(_jobs, rt)).values()):
-                break
-        stop.set()
-        await running
-
-    asyncio.run(scenario())
+    _run_until_each_job_is_read(rt, poller)
     rows = _jobs(rt)
     assert {j: rows[j].polls for j in job_ids} == {j: 1 for j in job_ids}
     assert all(j.lease_until is None for j in rows.values())
     assert len(_polls_audited(rt)) == len(job_ids)
     if behind:  # a second late (half a cadence): rounds overlap, claims taken while reads are in flight
-        assert claims_during_reads >= 3
+        assert claims_during_reads[0] >= 3
     else:  # on time: each round is claimed when the last one's reads are done, so none is held back
-        assert claims_during_reads == 0
+        assert claims_during_reads[0] == 0
 
 
 @pytest.mark.parametrize(("jobs", "quiet"), [(QUIET_ROUND, True), (QUIET_ROUND * 3, False)])
@@ -346,43 +358,26 @@ def test_a_quiet_round_is_written_before_the_next_claim_and_a_busier_one_while_i
     rt = pg_rt
     job_ids = _seed(rt, _submit(rt, sim, jobs, seconds=LONG_S, prefix="quiet"), prefix="quiet")
     poller = Poller(rt)
-    writing = False
-    claims_during_writes = 0
-    claim, write = poller.claim, poller._apply_and_move_on
-
-    def watched_claim(limit: int | None = None) -> list[Any]:
-        nonlocal claims_during_writes
-        claims_during_writes += writing
-        return claim(limit)
+    writing = [False]
+    claims_during_writes = _claims_while(poller, lambda: writing[0])
+    write = poller._apply_and_move_on
 
     def watched_write(*args: Any) -> None:
-        nonlocal writing
-        writing = True
+        writing[0] = True
         try:
             time.sleep(0.2)  # a slow database: a claim taken meanwhile has time to start
             write(*args)
         finally:
-            writing = False
+            writing[0] = False
 
-    poller.claim = watched_claim  # type: ignore[method-assign]
     poller._apply_and_move_on = watched_write  # type: ignore[method-assign]
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        running = asyncio.create_task(poller.run(stop, sweep_every_s=3600))
-        for _ in range(100):  # well inside the 2 s cadence: each job is due once in this test
-            await asyncio.sleep(0.05)
-            if all(j.polls for j in (await asyncio.to_thread(_jobs, rt)).values()):
-                break
-        stop.set()
-        await running
-
-    asyncio.run(scenario())
+    _run_until_each_job_is_read(rt, poller)
     assert {j: r.polls for j, r in _jobs(rt).items() if j in job_ids} == {j: 1 for j in job_ids}
     if quiet:  # next to nothing due: the answers (and the next steps' nudges) go first
-        assert claims_during_writes == 0
+        assert claims_during_writes[0] == 0
     else:  # a larger round is written while the next is claimed
-        assert claims_during_writes >= 1
+        assert claims_during_writes[0] >= 1
 
 
 def test_a_poller_that_stops_behind_schedule_gives_back_the_round_it_claimed_ahead(
