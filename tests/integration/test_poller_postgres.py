@@ -370,7 +370,7 @@ def test_a_quiet_round_is_written_before_the_next_claim_and_a_busier_one_while_i
         finally:
             writing[0] = False
 
-    poller._apply_and_move_on = watched_write  # type: ignore[method-assign]
+    poller._apply_and_move_on = watched_write  # type: ignore[method-assign,assignment]
 
     _run_until_each_job_is_read(rt, poller)
     assert {j: r.polls for j, r in _jobs(rt).items() if j in job_ids} == {j: 1 for j in job_ids}
