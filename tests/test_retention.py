@@ -7,7 +7,7 @@ moving ``finished_at`` / ``ts`` back in the database. S3 runs against moto's ser
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
@@ -28,7 +28,6 @@ from genline.storage.models import AuditDailyTotal, Pipeline, ProviderCall, Stor
 from genline.storage.s3 import S3ObjectStore, make_s3_client
 from genline.workers.drain import drain
 from tests.conftest import TEST_KEY
-from tests.support.s3_server import DUMMY_AWS_ENV, UNSET_AWS_ENV, MotoServer
 
 pytestmark = pytest.mark.timeout(120)
 RequestFn = Callable[..., dict[str, Any]]
@@ -175,14 +174,8 @@ def test_the_cli_dry_run_prints_json(rt: Runtime, monkeypatch: pytest.MonkeyPatc
 
 # --- S3: unfinished multipart uploads --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def s3_client() -> Iterator[Any]:
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in DUMMY_AWS_ENV.items():
-            env.setenv(name, value)
-        for name in UNSET_AWS_ENV:
-            env.delenv(name, raising=False)
-        with MotoServer() as server:
-            yield make_s3_client(endpoint_url=server.endpoint_url)
+def s3_client(moto_endpoint: str) -> Any:
+    return make_s3_client(endpoint_url=moto_endpoint)  # moto_endpoint keeps the dummy credentials set
 
 
 def test_unfinished_multipart_uploads_under_the_prefix_are_aborted(s3_client: Any) -> None:
