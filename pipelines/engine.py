@@ -241,7 +241,7 @@ _NEXT_QUEUED = (
 )
 # PostgreSQL: the step's success and its next step's queueing in one statement (one round trip
 # instead of two); the next step is queued only if the step's own UPDATE found it unfinished, as
-# ``finish_step`` does in two statements elsewhere. Returns how many rows each UPDATE changed.
+# ``finish_step``'s two statements do on SQLite. Returns how many rows each UPDATE changed.
 _done = _STEP_SUCCEEDED.returning(STEPS.c.id).cte("done")
 _queued = (
     update(STEPS)

@@ -230,7 +230,10 @@ class Sorted:
 # next job is due: about what the wake, the claim and the budget's draw take, so its read goes out
 # when it is due rather than that much after (a lone job's read came 4-9 ms late).
 EARLY_S = 0.004
-# A round of at most this many jobs is written before the next claim (``Poller.run``).
+# A round of at most this many jobs is written before the next claim (``Poller.run``): next to
+# nothing is due, and a write that shares the CPU with that claim sends the next steps' nudges
+# later. A larger round is written while the next is claimed and read: under a request budget,
+# waiting for every write left the budget unspent (docs/PERFORMANCE.md, 2026-12-03 evening).
 QUIET_ROUND = 4
 
 
@@ -901,18 +904,11 @@ class Poller:
                         await writing
                         writing = None
                     if claimed:
-                        writing = asyncio.create_task(
-                            asyncio.to_thread(self._apply_and_move_on, claimed, answers, records)
-                        )
-                        if count <= QUIET_ROUND:
-                            # Next to nothing is due: nothing is gained by claiming the next round
-                            # while this one is written, and the write (the next steps' nudges)
-                            # would share the CPU with that claim. A larger round is written while
-                            # the next is claimed and read: under a request budget, waiting for the
-                            # write left the budget unspent (a limited section's detect lag p99 went
-                            # from 1.9 to 2.5 and 5.8 s with every round up to 128 jobs waited for).
-                            await writing
-                            writing = None
+                        write = asyncio.to_thread(self._apply_and_move_on, claimed, answers, records)
+                        if count <= QUIET_ROUND:  # written first: its next steps' nudges go out sooner
+                            await write
+                        else:  # written while the next round is claimed and read
+                            writing = asyncio.create_task(write)
                     if time.monotonic() - last_sweep > sweep_every_s:
                         last_sweep = time.monotonic()
                         await asyncio.to_thread(sweep, self.rt)
