@@ -30,6 +30,11 @@ estimate, else the model's recent median render time from our own rows, else the
 progress then tells when it will finish, and past that it is read every
 ``GENLINE_POLL_INTERVAL_S``; with ``fixed``, every ``GENLINE_POLL_INTERVAL_S`` from the submit on.
 A job whose first poll is not near yet is not read: the round only moves its poll time (no request).
+
+Rounds are as large as the due jobs make them: a poller behind schedule claims full rounds back
+to back (the next while this one is read), and one that has caught up looks for when the next
+job falls due and sleeps until then, but never claims again within ``COALESCE_S`` of its last
+claim, so that in a busy spell the jobs falling due close together are read in one round.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import statistics
@@ -128,6 +134,12 @@ _CLAIM_PG = f"""
     RETURNING j.id, j.task_id, j.kind, j.step_id, j.model, j.units, j.estimated_time_s,
         CAST(EXTRACT(EPOCH FROM j.submitted_at) AS float8), CAST(EXTRACT(EPOCH FROM j.next_poll_at) AS float8),
         j.polls, p.user_id, p.feature, p.id, p.priority
+"""
+
+# PostgreSQL: when the earliest job not leased falls due, as epoch seconds.
+_NEXT_DUE_PG = f"""
+    SELECT CAST(EXTRACT(EPOCH FROM min(next_poll_at)) AS float8) FROM provider_jobs
+    WHERE status IN ({_POLLED_SQL}) AND (lease_until IS NULL OR lease_until < %(now)s)
 """
 
 # PostgreSQL: every routine answer of a round in one statement. NULL keeps the column as it is;
@@ -235,6 +247,14 @@ EARLY_S = 0.004
 # later. A larger round is written while the next is claimed and read: under a request budget,
 # waiting for every write left the budget unspent (docs/PERFORMANCE.md, 2026-12-03 evening).
 QUIET_ROUND = 4
+# After a quiet round that took every job due, the next claim waits until this long after that
+# round's claim (or half the cadence, if that is shorter). In a busy spell of small rounds the
+# jobs falling due meanwhile then share one round's fixed costs (a claim, a look for the next due
+# job, a transaction, a write, a budget draw). Only a job falling due within this long of the last
+# claim waits, and for at most this long (on the 2 s cadence, 2.5% of it); a poller behind
+# schedule takes full rounds, which never wait. Measured in docs/PERFORMANCE.md (2026-12-03,
+# night): the poller's CPU a pipeline about halved, pipelines/s up by a fifth.
+COALESCE_S = 0.05
 
 
 def next_delay(interval: float, elapsed_s: float, estimated_s: int | None) -> float:
@@ -464,13 +484,16 @@ class Poller:
         the leased ones are being polled, and their answers move them on)."""
         now = utcnow()
         with self.rt.db.transaction() as s:
+            if self.rt.db.is_postgres:  # as the driver takes it: half the CPU of the ORM's query
+                due_s = s.connection().exec_driver_sql(_NEXT_DUE_PG, {"now": _naive(now)}).scalar()
+                return math.inf if due_s is None else float(due_s) - now.timestamp()
             due = s.scalar(
                 select(func.min(ProviderJob.next_poll_at)).where(
                     ProviderJob.status.in_(POLLED),
                     (ProviderJob.lease_until.is_(None)) | (ProviderJob.lease_until < now),
                 )
             )
-        return float("inf") if due is None else (due - now).total_seconds()
+        return math.inf if due is None else (due - now).total_seconds()
 
     # --- poll ----------------------------------------------------------------------------------
     async def poll(self, claimed: list[Claimed]) -> list[TaskState | BaseException]:
@@ -874,9 +897,13 @@ class Poller:
         polled (its jobs are leased, so the two never touch the same rows). Behind schedule (a
         claim came back full, its earliest job a quarter of the cadence late), the round after is
         claimed while this one's reads are in flight, so the provider is never left waiting on a
-        claim."""
+        claim. A quiet round (``QUIET_ROUND``) that took every job due is written first, and then
+        the poller looks for the next due job rather than claiming again (that claim would come
+        back empty); it claims no sooner than ``COALESCE_S`` after the last claim."""
         log.info("poller_started", owner=self.owner, interval_s=self.settings.poll_interval_s)
         last_sweep = 0.0
+        claimed_at = 0.0
+        coalesce_s = min(COALESCE_S, self.settings.poll_interval_s / 2)
         writing: asyncio.Task[None] | None = None
         ahead: asyncio.Task[list[Claimed]] | None = None  # the next round's claim, taken early
         # Behind means a full claim whose earliest job is this late. On schedule, claiming early
@@ -887,12 +914,14 @@ class Poller:
             doorbell.start()
         try:
             while not stop.is_set():
-                count = 0
+                count, caught_up = 0, False
                 try:
                     if ahead is not None:
                         claimed, ahead = await ahead, None
+                        limit = self.settings.poller_batch
                     else:
                         limit = await asyncio.to_thread(self.round_limit)
+                        claimed_at = time.monotonic()
                         claimed = await asyncio.to_thread(self.claim, limit) if limit else []
                     count = len(claimed)
                     if count >= self.settings.poller_batch and time.time() - claimed[0].due_s > behind_s:
@@ -907,6 +936,10 @@ class Poller:
                         write = asyncio.to_thread(self._apply_and_move_on, claimed, answers, records)
                         if count <= QUIET_ROUND:  # written first: its next steps' nudges go out sooner
                             await write
+                            # fewer than asked for: every job due at the claim was taken, and
+                            # these are written; a claim now would come back empty, so look for
+                            # when the next one falls due instead (one transaction, not two)
+                            caught_up = count < limit
                         else:  # written while the next round is claimed and read
                             writing = asyncio.create_task(write)
                     if time.monotonic() - last_sweep > sweep_every_s:
@@ -920,8 +953,14 @@ class Poller:
                         ahead = None
                     count = 0
                     await asyncio.sleep(1.0)
-                if count == 0:
+                if count == 0 or caught_up:
                     due_in = await asyncio.to_thread(self.seconds_to_next_due)
+                    gap = coalesce_s - (time.monotonic() - claimed_at) if caught_up else 0.0
+                    if gap > 0:
+                        await asyncio.sleep(gap)
+                        due_in -= gap
+                    if caught_up and due_in <= EARLY_S:
+                        continue  # one fell due meanwhile: claim it now
                     nap = max(0.005, min(idle_s, due_in - EARLY_S))
                     if doorbell is not None:  # a new job rings it: its first poll is then on time
                         await doorbell.wait(stop, nap, early_s=EARLY_S)

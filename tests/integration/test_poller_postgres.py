@@ -5,6 +5,7 @@ need no database: tests/test_poll_reader.py."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from genline.pipelines.runtime import Runtime
 from genline.provider.simulator import SimulatorHandle
 from genline.storage.migrate import upgrade
 from genline.storage.models import Pipeline, ProviderCall, ProviderJob, Step
+from genline.workers import poller as poller_module
 from genline.workers.poller import QUIET_ROUND, Poller
 from lab.bench_http import create_tasks
 from tests.conftest import TEST_KEY
@@ -378,6 +380,72 @@ def test_a_quiet_round_is_written_before_the_next_claim_and_a_busier_one_while_i
         assert claims_during_writes[0] == 0
     else:  # a larger round is written while the next is claimed
         assert claims_during_writes[0] >= 1
+
+
+def _round_sizes(poller: Poller, after_first: Callable[[], None] = lambda: None) -> list[int]:
+    """The size of each claim the poller takes (empty ones too); ``after_first`` runs once, just
+    after the first claim."""
+    sizes: list[int] = []
+    claim = poller.claim
+
+    def watched(limit: int | None = None) -> list[Any]:
+        claimed = claim(limit)
+        sizes.append(len(claimed))
+        if len(sizes) == 1:
+            after_first()
+        return claimed
+
+    poller.claim = watched  # type: ignore[method-assign]
+    return sizes
+
+
+def _due_in(rt: Runtime, seconds_by_job: dict[str, float]) -> None:
+    """Each job falls due that many seconds from now (one transaction)."""
+    with rt.db.transaction() as s:
+        now = datetime.now(UTC)
+        for job_id, seconds in seconds_by_job.items():
+            due = now + timedelta(seconds=seconds)
+            s.execute(update(ProviderJob).where(ProviderJob.id == job_id).values(next_poll_at=due))
+
+
+def test_a_quiet_round_that_took_every_due_job_looks_for_the_next_one_instead_of_claiming_again(
+    pg_rt: Runtime, sim: SimulatorHandle
+) -> None:
+    rt = pg_rt
+    job_ids = _seed(rt, _submit(rt, sim, 3, seconds=LONG_S, prefix="caught"), prefix="caught")
+    _due_in(rt, dict.fromkeys(job_ids, 60))
+
+    def fall_due() -> None:  # once the poller has settled (its doorbell's first ring answered)
+        _due_in(rt, {job_ids[0]: 0, job_ids[1]: 0, job_ids[2]: 0.15})  # an idle poller looks every 0.25 s
+
+    poller = Poller(rt)
+    sizes = _round_sizes(poller)
+    threading.Timer(0.5, fall_due).start()
+    _run_until_each_job_is_read(rt, poller)
+    assert sorted(j.polls for j in _jobs(rt).values()) == [1, 1, 1]
+    first = next(i for i, n in enumerate(sizes) if n)
+    # the loop before claimed again at once after a round, and found nothing due: 2, 0, 1
+    assert sizes[first : first + 2] == [2, 1]
+
+
+def test_jobs_falling_due_just_after_a_quiet_round_share_the_next_round(
+    pg_rt: Runtime, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a busy spell of small rounds, the next claim waits until ``COALESCE_S`` after the last
+    (scaled up here so that the test does not race the rounds: 0.3 s, half the cadence being 1 s)."""
+    rt = pg_rt
+    monkeypatch.setattr(poller_module, "COALESCE_S", 0.3)
+    job_ids = _seed(rt, _submit(rt, sim, 3, seconds=LONG_S, prefix="share"), prefix="share")
+    _due_in(rt, dict.fromkeys(job_ids[1:], 60))  # until the first claim: then one due in 0.05 s, one in 0.2 s
+
+    def two_fall_due() -> None:
+        _due_in(rt, {job_ids[1]: 0.05, job_ids[2]: 0.2})
+
+    poller = Poller(rt)
+    sizes = _round_sizes(poller, after_first=two_fall_due)
+    _run_until_each_job_is_read(rt, poller)
+    assert sorted(j.polls for j in _jobs(rt).values()) == [1, 1, 1]
+    assert sizes[:2] == [1, 2]  # with no wait: 1, 1, 1 (each claimed as it falls due)
 
 
 def test_a_poller_that_stops_behind_schedule_gives_back_the_round_it_claimed_ahead(
