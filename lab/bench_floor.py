@@ -87,10 +87,10 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
         warm = [request(i, f"{run}-warm{me}") for i in range(3)]
         _drive(rt, api, poller, loop, warm, f"{run}-warm{me}-%")
         time.sleep(max(0.0, spec["start_at"] - time.time()))
-        started_at = time.time()  # later than start_at if the warm-up ran long
+        started_at, cpu_at = time.time(), time.process_time()  # later than start_at if the warm-up ran long
         share = [request(i, f"{run}-{me}") for i in range(spec["n"])]
         _drive(rt, api, poller, loop, share, f"{run}-%")
-        return {"started_at": started_at, "ended_at": time.time()}
+        return {"started_at": started_at, "ended_at": time.time(), "cpu_s": time.process_time() - cpu_at}
     finally:
         loop.run_until_complete(poller.aclose())
         loop.close()
@@ -98,10 +98,22 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
 
 
 def pipeline_floor_rate(
-    env: dict[str, str], n: int, processes: int, log_dir: Any, *, start_in_s: float = 10.0
-) -> float:
+    env: dict[str, str],
+    n: int,
+    processes: int,
+    log_dir: Any,
+    *,
+    start_in_s: float = 10.0,
+    sim_pid: int | None = None,
+) -> tuple[float, dict[str, float]]:
     """Pipelines/s of ``n`` pipelines run by ``processes`` Celery-free processes at once (see the
-    module's notes), starting ``start_in_s`` after launch (after each one's imports and warm-up)."""
+    module's notes), starting ``start_in_s`` after launch (after each one's imports and warm-up);
+    and the CPU ms a pipeline took, by process (``floor``: the floor processes themselves), as the
+    pipelines section reports it for genline's. PostgreSQL's share is only in ``machine`` (every
+    core's busy time): the floor's database connections end with its processes, and a process
+    that has ended can no longer be read."""
+    from lab.bench_profile import CpuMeter, cpu_seconds, machine_cpu_seconds, named_cpu_seconds
+
     run = f"floor{uuid.uuid4().hex[:6]}"
     start_at = time.time() + start_in_s
     share = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
@@ -119,14 +131,23 @@ def pipeline_floor_rate(
         )
     started: list[float] = []
     ended: list[float] = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench: a floor process exited {proc.returncode}; see {log_dir}/floor-*.log")
-        times = json.loads(out.decode().strip().splitlines()[-1])
-        started.append(float(times["started_at"]))
-        ended.append(float(times["ended_at"]))
-    return n / (max(ended) - min(started))
+    floor_cpu_s = 0.0
+    time.sleep(max(0.0, start_at - time.time()))
+    with CpuMeter(
+        simulator=lambda: None if sim_pid is None else cpu_seconds(sim_pid),
+        redis=lambda: named_cpu_seconds("redis-server"),
+        machine=machine_cpu_seconds,
+    ) as cpu:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench: a floor process exited {proc.returncode}; see {log_dir}/floor-*.log")
+            times = json.loads(out.decode().strip().splitlines()[-1])
+            started.append(float(times["started_at"]))
+            ended.append(float(times["ended_at"]))
+            floor_cpu_s += float(times["cpu_s"])
+    per = {"floor": round(floor_cpu_s / n * 1e3, 1), **cpu.per(n, 1e3)}
+    return n / (max(ended) - min(started)), per
 
 
 if __name__ == "__main__":
