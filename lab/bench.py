@@ -16,8 +16,11 @@ Sections (each writes its keys; a section that fails is reported under ``errors`
   Redis transport (``pipeline_vs_chain_same_transport``), and the same pipelines run with no
   Celery at all by as many processes (``lab/bench_floor.py``: ``no_celery_pipelines_per_s``, and
   the CPU a pipeline took there, ``cpu_ms_per_no_celery_pipeline``, beside genline's
-  ``cpu_ms_per_pipeline``). A throughput run ends when its last pipeline's row says it finished;
-  the bench looks four times a second (its count is a query, and would take the CPU it measures).
+  ``cpu_ms_per_pipeline``), and ``floor_ratio_with_chain_deliveries_only``: the floor ratio a
+  pipeline would reach if it cost the floor's work plus a bare chain's four Celery deliveries
+  and nothing else (the chains on genline's transport; kombu's in a quick run). A throughput run
+  ends when its last pipeline's row says it finished; the bench looks four times a second (its
+  count is a query, and would take the CPU it measures).
 - submit (``submit_vs_bare_apply_async``): ``Genline.submit`` against bare ``apply_async`` (and
   ``submit_vs_apply_async_same_transport``, against it on genline's Redis transport).
 - poller (``poller_inflight_capacity``, ``poller_detect_lag_p99_s``, ``poller_vs_raw_http``):
@@ -406,6 +409,7 @@ def section_pipelines(
             f"CPU ms a pipeline: {parts}; all {floor_cpu.get('machine', math.nan):.1f}",
             flush=True,
         )
+    chain_only = same_per_s or chains_per_s
     figures.update(
         {
             "pipelines_per_s": round(pipelines_per_s, 2),
@@ -429,6 +433,10 @@ def section_pipelines(
             "cpu_ms_per_no_celery_pipeline": floor_cpu,
             # what orchestration through Celery leaves of the work's own speed on the same cores
             "pipeline_vs_no_celery_floor": round(pipelines_per_s / floor_per_s, 3),
+            # the same ratio for a pipeline that cost the floor's work plus a bare chain's four
+            # deliveries (on genline's transport where measured) and nothing else: each worker
+            # process then spends 1/floor + 1/chains a pipeline; what Celery alone leaves
+            "floor_ratio_with_chain_deliveries_only": round(chain_only / (floor_per_s + chain_only), 3),
             "step_overhead_p95_ms": round(overhead["step_overhead_p95_ms"], 1),
             "step_overhead": {
                 k: (round(v, 1) if isinstance(v, float) else v)
@@ -443,7 +451,8 @@ def section_pipelines(
     print(
         f"  pipeline_vs_bare_chain   {figures['pipeline_vs_bare_chain']:8.3f}   (against {chains_per_s:.1f} chains/s, "
         + ("both runs; " if same is None else f"both runs; against chains on genline's transport: {same:.3f}; ")
-        + f"pipeline_vs_no_celery_floor {figures['pipeline_vs_no_celery_floor']:.3f})"
+        + f"pipeline_vs_no_celery_floor {figures['pipeline_vs_no_celery_floor']:.3f}; "
+        + f"the floor plus a bare chain's deliveries: {figures['floor_ratio_with_chain_deliveries_only']:.3f})"
     )
     print(
         f"  step_overhead_p95_ms     {figures['step_overhead_p95_ms']:8.1f}   "
